@@ -1,0 +1,1 @@
+//! xfuser-pipelines: pipelines, one file per diffusers pipeline.
