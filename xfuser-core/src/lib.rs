@@ -9,6 +9,7 @@ pub mod error;
 pub mod random;
 pub mod registry;
 pub mod scheduler;
+pub mod testing;
 pub mod weights;
 
 pub use error::{Error, Result};

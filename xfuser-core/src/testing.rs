@@ -1,0 +1,45 @@
+//! Helpers for the parity tests of every crate: where the committed fixtures are, how to read
+//! a golden file, and the relative L2 error the tolerances are stated in.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::{Error, Result};
+
+/// `tests/fixtures/` at the workspace root.
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// Every tensor of a safetensors golden file, on the CPU, in the dtype it was saved in.
+pub fn load_goldens(path: &Path) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::Weights {
+        file: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// ‖a − b‖₂ / ‖b‖₂, computed in f64; `b` is the reference. Shapes must match.
+pub fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
+    if a.dims() != b.dims() {
+        return Err(Error::invalid(format!(
+            "rel_l2: shapes differ, {:?} vs reference {:?}",
+            a.dims(),
+            b.dims()
+        )));
+    }
+    let a = a.to_dtype(DType::F64)?.flatten_all()?;
+    let b = b.to_dtype(DType::F64)?.flatten_all()?;
+    let diff = (a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let norm = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    Ok(if norm == 0.0 { diff } else { diff / norm })
+}
+
+/// Largest absolute elementwise difference.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.to_dtype(DType::F64)?.flatten_all()?;
+    let b = b.to_dtype(DType::F64)?.flatten_all()?;
+    Ok((a - b)?.abs()?.max(0)?.to_scalar::<f64>()?)
+}
