@@ -5,7 +5,9 @@
 pub mod attention;
 pub mod backbone;
 pub mod config;
+pub mod engine;
 pub mod error;
+pub mod pipeline;
 pub mod random;
 pub mod registry;
 pub mod scheduler;

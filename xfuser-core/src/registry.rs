@@ -9,6 +9,8 @@
 use std::path::Path;
 
 use crate::backbone::Backbone;
+use crate::engine::EngineConfig;
+use crate::pipeline::DiffusionPipeline;
 use crate::scheduler::Scheduler;
 use crate::{Error, Result};
 
@@ -26,6 +28,12 @@ impl Default for LoadOptions {
             device: candle_core::Device::Cpu,
         }
     }
+}
+
+/// A pipeline, built from a diffusers folder (`model_index.json` and the component folders).
+pub struct PipelineEntry {
+    pub class_name: &'static str,
+    pub load: fn(dir: &Path, engine: &EngineConfig) -> Result<Box<dyn DiffusionPipeline>>,
 }
 
 /// A transformer backbone, built from its component folder (`config.json` + weights).
@@ -51,6 +59,7 @@ pub struct ClassAlias {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    Pipeline,
     Transformer,
     Scheduler,
 }
@@ -58,12 +67,14 @@ pub enum Kind {
 impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
+            Kind::Pipeline => "pipeline",
             Kind::Transformer => "transformer",
             Kind::Scheduler => "scheduler",
         }
     }
 }
 
+inventory::collect!(PipelineEntry);
 inventory::collect!(TransformerEntry);
 inventory::collect!(SchedulerEntry);
 inventory::collect!(ClassAlias);
@@ -71,6 +82,10 @@ inventory::collect!(ClassAlias);
 /// The class names registered for `kind`, sorted.
 pub fn registered(kind: Kind) -> Vec<&'static str> {
     let mut names: Vec<&'static str> = match kind {
+        Kind::Pipeline => inventory::iter::<PipelineEntry>
+            .into_iter()
+            .map(|e| e.class_name)
+            .collect(),
         Kind::Transformer => inventory::iter::<TransformerEntry>
             .into_iter()
             .map(|e| e.class_name)
@@ -100,6 +115,14 @@ fn unknown(kind: Kind, name: &str) -> Error {
     }
 }
 
+pub fn pipeline_entry(name: &str, config: &serde_json::Value) -> Result<&'static PipelineEntry> {
+    let target = resolve_class_name(Kind::Pipeline, name, config);
+    inventory::iter::<PipelineEntry>
+        .into_iter()
+        .find(|e| e.class_name == target)
+        .ok_or_else(|| unknown(Kind::Pipeline, name))
+}
+
 pub fn transformer_entry(name: &str, config: &serde_json::Value) -> Result<&'static TransformerEntry> {
     let target = resolve_class_name(Kind::Transformer, name, config);
     inventory::iter::<TransformerEntry>
@@ -114,6 +137,14 @@ pub fn scheduler_entry(name: &str, config: &serde_json::Value) -> Result<&'stati
         .into_iter()
         .find(|e| e.class_name == target)
         .ok_or_else(|| unknown(Kind::Scheduler, name))
+}
+
+/// Loads the pipeline in folder `dir`, dispatching on its `model_index.json`.
+pub fn load_pipeline(dir: &Path, engine: &EngineConfig) -> Result<Box<dyn DiffusionPipeline>> {
+    let file = dir.join("model_index.json");
+    let config = crate::config::read_json_value(&file)?;
+    let name = crate::config::class_name_of(&config, &file)?;
+    (pipeline_entry(&name, &config)?.load)(dir, engine)
 }
 
 /// Loads the transformer in component folder `dir`, dispatching on its `config.json`.

@@ -1,0 +1,250 @@
+//! What a run is configured with, as xDiT splits it: the engine (model, numerics, parallel
+//! degrees) fixed when a pipeline is built, and the input (prompts, size, steps, seed) given
+//! to each generation. Both are validated once, before any work, with messages that say what
+//! to change.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::{Error, Result};
+
+/// Which model and with what numerics.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// A diffusers pipeline folder or a Hugging Face Hub id.
+    pub model: String,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// Degrees of the parallel methods; their product is the number of ranks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParallelConfig {
+    pub data_parallel_degree: usize,
+    pub use_cfg_parallel: bool,
+    pub pipefusion_parallel_degree: usize,
+    pub ulysses_degree: usize,
+    pub ring_degree: usize,
+    pub tensor_parallel_degree: usize,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        Self {
+            data_parallel_degree: 1,
+            use_cfg_parallel: false,
+            pipefusion_parallel_degree: 1,
+            ulysses_degree: 1,
+            ring_degree: 1,
+            tensor_parallel_degree: 1,
+        }
+    }
+}
+
+impl ParallelConfig {
+    pub fn cfg_degree(&self) -> usize {
+        if self.use_cfg_parallel {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// dp · cfg · pp · ulysses · ring · tp.
+    pub fn world_size(&self) -> usize {
+        self.data_parallel_degree
+            * self.cfg_degree()
+            * self.pipefusion_parallel_degree
+            * self.ulysses_degree
+            * self.ring_degree
+            * self.tensor_parallel_degree
+    }
+
+    pub fn is_serial(&self) -> bool {
+        self.world_size() == 1
+    }
+
+    /// Degrees must be at least 1; every parallel method beyond serial is refused until the
+    /// distributed runtime exists, rather than silently running serially.
+    pub fn validate(&self) -> Result<()> {
+        let degrees = [
+            ("--data-parallel-degree", self.data_parallel_degree),
+            ("--pipefusion-parallel-degree", self.pipefusion_parallel_degree),
+            ("--ulysses-degree", self.ulysses_degree),
+            ("--ring-degree", self.ring_degree),
+            ("--tensor-parallel-degree", self.tensor_parallel_degree),
+        ];
+        if let Some((flag, _)) = degrees.iter().find(|(_, d)| *d == 0) {
+            return Err(Error::invalid(format!("{flag} must be at least 1")));
+        }
+        if !self.is_serial() {
+            return Err(Error::Unsupported(format!(
+                "parallel execution (world size {}) is not available in this build yet: only \
+                 the serial engine exists; run with all degrees 1 and without --use-cfg-parallel",
+                self.world_size()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Everything fixed when a pipeline is built.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub model: ModelConfig,
+    pub parallel: ParallelConfig,
+}
+
+impl EngineConfig {
+    /// A serial f32 CPU engine for `model`.
+    pub fn new(model: impl Into<String>) -> Self {
+        Self {
+            model: ModelConfig {
+                model: model.into(),
+                dtype: DType::F32,
+                device: Device::Cpu,
+            },
+            parallel: ParallelConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputType {
+    /// Decoded 8-bit RGB images.
+    Pil,
+    /// The final latents, not decoded.
+    Latent,
+}
+
+/// One generation request, named as diffusers' pipeline call arguments.
+#[derive(Debug, Clone)]
+pub struct InputConfig {
+    pub prompts: Vec<String>,
+    /// One negative prompt for every prompt ("" as diffusers' default).
+    pub negative_prompt: String,
+    /// None: the model's default (sample_size · vae scale factor).
+    pub height: Option<usize>,
+    pub width: Option<usize>,
+    pub num_inference_steps: usize,
+    pub guidance_scale: f64,
+    pub num_images_per_prompt: usize,
+    pub seed: u64,
+    pub output_type: OutputType,
+    /// None: the pipeline's default (120 for PixArt-α, 300 for PixArt-Σ).
+    pub max_sequence_length: Option<usize>,
+    pub use_resolution_binning: bool,
+    /// Initial noise to use instead of drawing it from the seed, (B, C, H/8, W/8).
+    pub latents: Option<Tensor>,
+}
+
+impl Default for InputConfig {
+    fn default() -> Self {
+        Self {
+            prompts: Vec::new(),
+            negative_prompt: String::new(),
+            height: None,
+            width: None,
+            num_inference_steps: 20,
+            guidance_scale: 4.5,
+            num_images_per_prompt: 1,
+            seed: 42,
+            output_type: OutputType::Pil,
+            max_sequence_length: None,
+            use_resolution_binning: true,
+            latents: None,
+        }
+    }
+}
+
+impl InputConfig {
+    /// Checks what can be checked without the model; `multiple` is the size the height and
+    /// width must be divisible by (the VAE scale factor times the patch size).
+    pub fn validate(&self, multiple: usize) -> Result<()> {
+        if self.prompts.is_empty() {
+            return Err(Error::invalid("no prompt given: pass at least one --prompt"));
+        }
+        if self.num_inference_steps == 0 {
+            return Err(Error::invalid("--num-inference-steps must be at least 1"));
+        }
+        if self.num_images_per_prompt == 0 {
+            return Err(Error::invalid("--num-images-per-prompt must be at least 1"));
+        }
+        if !self.guidance_scale.is_finite() {
+            return Err(Error::invalid("--guidance-scale must be a finite number"));
+        }
+        for (name, value) in [("--height", self.height), ("--width", self.width)] {
+            if let Some(v) = value {
+                if v == 0 || v % multiple != 0 {
+                    return Err(Error::invalid(format!(
+                        "{name} {v} must be a positive multiple of {multiple}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Classifier-free guidance is on when guidance_scale > 1, as in diffusers.
+    pub fn uses_cfg(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+}
+
+/// An 8-bit RGB image, row-major, 3 bytes per pixel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+/// What a pipeline returns: always the final latents, and the images unless latents were asked
+/// for.
+#[derive(Debug, Clone)]
+pub struct PipelineOutput {
+    /// (B, C, H/8, W/8)
+    pub latents: Tensor,
+    pub images: Vec<RgbImage>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input() -> InputConfig {
+        InputConfig {
+            prompts: vec!["a cat".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn input_validation_names_the_flag() {
+        assert!(input().validate(8).is_ok());
+        let bad = |f: fn(&mut InputConfig)| {
+            let mut i = input();
+            f(&mut i);
+            i.validate(8).unwrap_err().to_string()
+        };
+        assert!(bad(|i| i.prompts.clear()).contains("--prompt"));
+        assert!(bad(|i| i.num_inference_steps = 0).contains("--num-inference-steps"));
+        assert!(bad(|i| i.height = Some(100)).contains("--height 100"));
+        assert!(bad(|i| i.width = Some(0)).contains("--width"));
+    }
+
+    #[test]
+    fn parallel_degrees_beyond_serial_are_refused_for_now() {
+        assert!(ParallelConfig::default().validate().is_ok());
+        let p = ParallelConfig {
+            ulysses_degree: 2,
+            ..Default::default()
+        };
+        assert_eq!(p.world_size(), 2);
+        assert!(p.validate().unwrap_err().to_string().contains("world size 2"));
+        let zero = ParallelConfig {
+            ring_degree: 0,
+            ..Default::default()
+        };
+        assert!(zero.validate().unwrap_err().to_string().contains("--ring-degree"));
+    }
+}
