@@ -1,3 +1,8 @@
-//! xfuser-layers: parallel building blocks (attention processors, patch-aware embeddings,
-//! tensor-parallel linear layers). The serial forms live in the model files for now; parallel
-//! processors arrive with the distributed runtime.
+//! xfuser-layers: building blocks shared by the backbones — embeddings, normalizations and
+//! feed-forward layers after diffusers' module of the same name — and, with the distributed
+//! runtime, their parallel forms (attention processors, patch-aware embeddings, tensor-parallel
+//! linear layers).
+
+pub mod embeddings;
+pub mod feed_forward;
+pub mod normalization;

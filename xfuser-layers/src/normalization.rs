@@ -1,0 +1,135 @@
+//! Normalization layers after diffusers' `models/normalization.py`: a LayerNorm with optional
+//! affine parameters, and PixArt's adaLN-single.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::embeddings::PixArtAlphaCombinedTimestepSizeEmbeddings;
+
+/// `torch.nn.LayerNorm` over the last dimension, with or without `weight`/`bias`.
+///
+/// Two-pass (mean, then the variance of the centred values) in f32 whatever the input dtype,
+/// like torch; candle's fused kernel takes E[x²] − E[x]², which loses digits when the mean is
+/// large against the spread.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Option<Tensor>,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// `elementwise_affine` reads `weight` and `bias` from `vb`, as torch's module names them.
+    pub fn new(dim: usize, eps: f64, elementwise_affine: bool, vb: VarBuilder) -> Result<Self> {
+        let (weight, bias) = if elementwise_affine {
+            (Some(vb.get(dim, "weight")?), Some(vb.get(dim, "bias")?))
+        } else {
+            (None, None)
+        };
+        Ok(Self { weight, bias, eps })
+    }
+
+    pub fn without_affine(eps: f64) -> Self {
+        Self {
+            weight: None,
+            bias: None,
+            eps,
+        }
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let x = xs.to_dtype(DType::F32)?;
+        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
+        let normed = match &self.weight {
+            Some(w) => normed.broadcast_mul(w)?,
+            None => normed,
+        };
+        match &self.bias {
+            Some(b) => normed.broadcast_add(b),
+            None => Ok(normed),
+        }
+    }
+}
+
+/// diffusers' `AdaLayerNormSingle` (PixArt-α §2.3): one conditioning MLP shared by all
+/// blocks; each block adds its own `scale_shift_table` to the six modulation vectors.
+#[derive(Debug, Clone)]
+pub struct AdaLayerNormSingle {
+    emb: PixArtAlphaCombinedTimestepSizeEmbeddings,
+    linear: Linear,
+}
+
+impl AdaLayerNormSingle {
+    /// `embedding_dim` must be divisible by 3 with additional conditions (two thirds for the
+    /// resolution, one for the aspect ratio).
+    pub fn new(
+        embedding_dim: usize,
+        use_additional_conditions: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            emb: PixArtAlphaCombinedTimestepSizeEmbeddings::new(
+                embedding_dim,
+                embedding_dim / 3,
+                use_additional_conditions,
+                vb.pp("emb"),
+            )?,
+            linear: candle_nn::linear(embedding_dim, 6 * embedding_dim, vb.pp("linear"))?,
+        })
+    }
+
+    pub fn uses_additional_conditions(&self) -> bool {
+        self.emb.uses_additional_conditions()
+    }
+
+    /// Returns (modulation (B, 6·D), embedded timestep (B, D)).
+    pub fn forward(
+        &self,
+        timestep: &Tensor,
+        resolution: Option<&Tensor>,
+        aspect_ratio: Option<&Tensor>,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
+        let embedded = self
+            .emb
+            .forward(timestep, resolution, aspect_ratio, dtype)?;
+        let modulation = self.linear.forward(&embedded.silu()?)?;
+        Ok((modulation, embedded))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn layer_norm_without_affine_normalizes_last_dim() {
+        let x = Tensor::new(
+            &[[1f32, 2.0, 3.0, 4.0], [10.0, 10.0, 10.0, 14.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let y: Vec<Vec<f32>> = LayerNorm::without_affine(0.0)
+            .forward(&x)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let s = 1.25f32.sqrt();
+        let expect = [-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s];
+        for (a, b) in y[0].iter().zip(expect) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        let s = 3f32.sqrt();
+        for (a, b) in y[1].iter().zip([-1.0 / s, -1.0 / s, -1.0 / s, 3.0 / s]) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+}

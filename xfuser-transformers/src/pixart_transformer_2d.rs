@@ -1,0 +1,777 @@
+//! PixArt-α / PixArt-Σ diffusion transformer, a port of diffusers'
+//! `models/transformers/pixart_transformer_2d.py` (`PixArtTransformer2DModel`, with
+//! `BasicTransformerBlock` in its `ada_norm_single` form).
+//!
+//! Papers: PixArt-α <https://arxiv.org/abs/2310.00426>, PixArt-Σ <https://arxiv.org/abs/2403.04692>.
+//!
+//! The forward is split as the [`Backbone`] contract asks: `embed` (patch embedding, adaLN-single
+//! conditioning, caption projection, text mask bias), `blocks` and `head` (final modulated norm,
+//! projection, unpatchify). Module and tensor names are diffusers' state-dict names, so a
+//! diffusers folder loads without renaming.
+
+use std::ops::Range;
+use std::path::Path;
+
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{Linear, VarBuilder};
+use xfuser_core::attention::{scaled_dot_product_attention, AttentionProcessor, SerialAttention};
+use xfuser_core::backbone::{Backbone, BackboneInfo, BackboneInputs, BlockState, ForwardContext};
+use xfuser_core::registry::{ClassAlias, Kind, LoadOptions, TransformerEntry};
+use xfuser_core::weights::WeightFiles;
+use xfuser_core::{Error, Result};
+use xfuser_layers::embeddings::{PatchEmbed, PixArtAlphaTextProjection};
+use xfuser_layers::feed_forward::{FeedForward, FeedForwardActivation};
+use xfuser_layers::normalization::{AdaLayerNormSingle, LayerNorm};
+
+pub const CLASS_NAME: &str = "PixArtTransformer2DModel";
+
+/// `config.json` of a PixArt transformer, field for field with diffusers' defaults. Keys that
+/// only the old `Transformer2DModel` class reads (`use_linear_projection`, ...) are ignored, as
+/// diffusers ignores them when it remaps that class to this one.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct Config {
+    #[serde(default = "default_num_attention_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "default_attention_head_dim")]
+    pub attention_head_dim: usize,
+    #[serde(default = "default_in_channels")]
+    pub in_channels: usize,
+    /// Absent: 8; null: `in_channels`.
+    #[serde(default = "default_out_channels")]
+    pub out_channels: Option<usize>,
+    #[serde(default = "default_num_layers")]
+    pub num_layers: usize,
+    /// Training only.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Unused by PixArt (kept because diffusers' configs carry it).
+    #[serde(default = "default_norm_num_groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "default_cross_attention_dim")]
+    pub cross_attention_dim: Option<usize>,
+    #[serde(default = "default_true")]
+    pub attention_bias: bool,
+    #[serde(default = "default_sample_size")]
+    pub sample_size: usize,
+    #[serde(default = "default_patch_size")]
+    pub patch_size: usize,
+    #[serde(default = "default_activation_fn")]
+    pub activation_fn: String,
+    #[serde(default = "default_num_embeds_ada_norm")]
+    pub num_embeds_ada_norm: Option<usize>,
+    /// The attention softmax is always computed in f32 here, so this changes nothing.
+    #[serde(default)]
+    pub upcast_attention: bool,
+    #[serde(default = "default_norm_type")]
+    pub norm_type: String,
+    #[serde(default)]
+    pub norm_elementwise_affine: bool,
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    /// null: max(sample_size / 64, 1).
+    #[serde(default)]
+    pub interpolation_scale: Option<f64>,
+    /// null: sample_size == 128 (PixArt-α 1024px used resolution/aspect-ratio conditioning).
+    #[serde(default)]
+    pub use_additional_conditions: Option<bool>,
+    #[serde(default)]
+    pub caption_channels: Option<usize>,
+    #[serde(default = "default_attention_type")]
+    pub attention_type: Option<String>,
+}
+
+fn default_num_attention_heads() -> usize {
+    16
+}
+fn default_attention_head_dim() -> usize {
+    72
+}
+fn default_in_channels() -> usize {
+    4
+}
+fn default_out_channels() -> Option<usize> {
+    Some(8)
+}
+fn default_num_layers() -> usize {
+    28
+}
+fn default_norm_num_groups() -> usize {
+    32
+}
+fn default_cross_attention_dim() -> Option<usize> {
+    Some(1152)
+}
+fn default_true() -> bool {
+    true
+}
+fn default_sample_size() -> usize {
+    128
+}
+fn default_patch_size() -> usize {
+    2
+}
+fn default_activation_fn() -> String {
+    "gelu-approximate".into()
+}
+fn default_num_embeds_ada_norm() -> Option<usize> {
+    Some(1000)
+}
+fn default_norm_type() -> String {
+    "ada_norm_single".into()
+}
+fn default_norm_eps() -> f64 {
+    1e-6
+}
+fn default_attention_type() -> Option<String> {
+    Some("default".into())
+}
+
+/// A configuration this port cannot run: the offending field and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl Config {
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.out_channels.unwrap_or(self.in_channels)
+    }
+
+    pub fn use_additional_conditions(&self) -> bool {
+        self.use_additional_conditions
+            .unwrap_or(self.sample_size == 128)
+    }
+
+    pub fn interpolation_scale(&self) -> f64 {
+        self.interpolation_scale
+            .unwrap_or_else(|| (self.sample_size / 64).max(1) as f64)
+    }
+
+    /// Checks that the model described can be built and run; names the first bad field.
+    pub fn validate(&self) -> std::result::Result<(), ConfigProblem> {
+        let problem = |field, message: String| Err(ConfigProblem { field, message });
+        if self.norm_type != "ada_norm_single" {
+            return problem(
+                "norm_type",
+                format!(
+                    "`{}` is not supported by PixArtTransformer2DModel; only `ada_norm_single`",
+                    self.norm_type
+                ),
+            );
+        }
+        if self.num_embeds_ada_norm.is_none() {
+            return problem(
+                "num_embeds_ada_norm",
+                "null is not allowed with norm_type `ada_norm_single`".into(),
+            );
+        }
+        if FeedForwardActivation::from_diffusers_name(&self.activation_fn).is_none() {
+            return problem(
+                "activation_fn",
+                format!(
+                    "`{}` is not supported; supported: {}",
+                    self.activation_fn,
+                    FeedForwardActivation::SUPPORTED.join(", ")
+                ),
+            );
+        }
+        if let Some(kind) = self.attention_type.as_deref().filter(|k| *k != "default") {
+            return problem(
+                "attention_type",
+                format!("`{kind}` is not supported; only `default`"),
+            );
+        }
+        if self.num_attention_heads == 0 || self.attention_head_dim == 0 {
+            return problem(
+                "num_attention_heads",
+                format!(
+                    "{} heads of dimension {}: both must be positive",
+                    self.num_attention_heads, self.attention_head_dim
+                ),
+            );
+        }
+        let inner = self.inner_dim();
+        if !inner.is_multiple_of(4) {
+            return problem(
+                "attention_head_dim",
+                format!(
+                    "hidden size {inner} (num_attention_heads × attention_head_dim) must be \
+                     divisible by 4 for the 2-D sincos positional embedding"
+                ),
+            );
+        }
+        if self.use_additional_conditions() && !inner.is_multiple_of(3) {
+            return problem(
+                "use_additional_conditions",
+                format!(
+                    "true needs a hidden size divisible by 3 (resolution and aspect-ratio \
+                     embeddings), got {inner}"
+                ),
+            );
+        }
+        if self.patch_size == 0 || self.sample_size < self.patch_size {
+            return problem(
+                "patch_size",
+                format!(
+                    "{} must be positive and at most sample_size ({})",
+                    self.patch_size, self.sample_size
+                ),
+            );
+        }
+        if self.in_channels == 0 || self.out_channels() == 0 {
+            return problem("in_channels", "channel counts must be positive".into());
+        }
+        if self.caption_channels.is_some() {
+            if let Some(dim) = self.cross_attention_dim.filter(|d| *d != inner) {
+                return problem(
+                    "cross_attention_dim",
+                    format!(
+                        "{dim} differs from the hidden size {inner} that the caption projection \
+                         produces"
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Multi-head attention with diffusers' `Attention` names (`to_q`, `to_k`, `to_v`, `to_out.0`).
+#[derive(Debug, Clone)]
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(
+        query_dim: usize,
+        kv_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let inner = heads * head_dim;
+        let proj = |in_dim, name| candle_nn::linear_b(in_dim, inner, bias, vb.pp(name));
+        Ok(Self {
+            to_q: proj(query_dim, "to_q")?,
+            to_k: proj(kv_dim, "to_k")?,
+            to_v: proj(kv_dim, "to_v")?,
+            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            heads,
+            head_dim,
+        })
+    }
+
+    fn scale(&self) -> f64 {
+        1.0 / (self.head_dim as f64).sqrt()
+    }
+
+    /// (B, S, H·Dh) -> (B, H, S, Dh), a view.
+    fn split_heads(&self, xs: Tensor) -> candle_core::Result<Tensor> {
+        let (b, s, _) = xs.dims3()?;
+        xs.reshape((b, s, self.heads, self.head_dim))?
+            .transpose(1, 2)
+    }
+
+    /// (B, H, S, Dh) -> (B, S, H·Dh) -> to_out.
+    fn merge_heads_and_project(&self, xs: Tensor) -> candle_core::Result<Tensor> {
+        let (b, _, s, _) = xs.dims4()?;
+        let merged = xs
+            .transpose(1, 2)?
+            .reshape((b, s, self.heads * self.head_dim))?;
+        self.to_out.forward(&merged)
+    }
+
+    /// Self-attention over the image tokens, through the runtime's processor.
+    fn self_attention(
+        &self,
+        xs: &Tensor,
+        layer: usize,
+        processor: &dyn AttentionProcessor,
+    ) -> Result<Tensor> {
+        let q = self.split_heads(self.to_q.forward(xs)?)?;
+        let k = self.split_heads(self.to_k.forward(xs)?)?;
+        let v = self.split_heads(self.to_v.forward(xs)?)?;
+        let out = processor.self_attention(layer, &q, &k, &v, self.scale())?;
+        Ok(self.merge_heads_and_project(out)?)
+    }
+
+    /// Cross-attention from the image tokens to the text tokens; `bias` masks text padding.
+    fn cross_attention(
+        &self,
+        xs: &Tensor,
+        encoder: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let q = self.split_heads(self.to_q.forward(xs)?)?;
+        let k = self.split_heads(self.to_k.forward(encoder)?)?;
+        let v = self.split_heads(self.to_v.forward(encoder)?)?;
+        let out = scaled_dot_product_attention(&q, &k, &v, bias, self.scale())?;
+        Ok(self.merge_heads_and_project(out)?)
+    }
+}
+
+/// diffusers' `BasicTransformerBlock` with `norm_type="ada_norm_single"`: modulated
+/// self-attention, un-normalized cross-attention to the text, modulated feed-forward.
+#[derive(Debug, Clone)]
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Option<Attention>,
+    ff: FeedForward,
+    /// (6, D): per-block offsets of shift/scale/gate for attention and feed-forward.
+    scale_shift_table: Tensor,
+    dim: usize,
+}
+
+impl BasicTransformerBlock {
+    fn new(
+        cfg: &Config,
+        activation: FeedForwardActivation,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let dim = cfg.inner_dim();
+        let (heads, head_dim) = (cfg.num_attention_heads, cfg.attention_head_dim);
+        let norm =
+            |name| LayerNorm::new(dim, cfg.norm_eps, cfg.norm_elementwise_affine, vb.pp(name));
+        let attn2 = match cfg.cross_attention_dim {
+            Some(kv_dim) => Some(Attention::new(
+                dim,
+                kv_dim,
+                heads,
+                head_dim,
+                cfg.attention_bias,
+                vb.pp("attn2"),
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            norm1: norm("norm1")?,
+            attn1: Attention::new(
+                dim,
+                dim,
+                heads,
+                head_dim,
+                cfg.attention_bias,
+                vb.pp("attn1"),
+            )?,
+            norm2: norm("norm2")?,
+            attn2,
+            ff: FeedForward::new(dim, 4 * dim, activation, vb.pp("ff"))?,
+            scale_shift_table: vb.get((6, dim), "scale_shift_table")?,
+            dim,
+        })
+    }
+
+    /// hidden (B, N, D) -> (B, N, D); `state` supplies the text and the conditioning.
+    fn forward(
+        &self,
+        hidden: &Tensor,
+        state: &BlockState,
+        layer: usize,
+        processor: &dyn AttentionProcessor,
+    ) -> Result<Tensor> {
+        let batch = hidden.dim(0)?;
+        // (B, 6·D) -> (B, 6, D) + (6, D) -> six (B, 1, D)
+        let modulation = state
+            .block_conditioning
+            .reshape((batch, 6, self.dim))?
+            .broadcast_add(&self.scale_shift_table)?;
+        let m = modulation.chunk(6, 1)?;
+        let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
+        let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
+
+        let normed = modulate(&self.norm1.forward(hidden)?, shift_msa, scale_msa)?;
+        let attn = self.attn1.self_attention(&normed, layer, processor)?;
+        let mut hidden = gate_msa.broadcast_mul(&attn)?.add(hidden)?;
+
+        if let Some(attn2) = &self.attn2 {
+            let attn =
+                attn2.cross_attention(&hidden, &state.encoder, state.encoder_bias.as_ref())?;
+            hidden = (attn + hidden)?;
+        }
+
+        let normed = modulate(&self.norm2.forward(&hidden)?, shift_mlp, scale_mlp)?;
+        let ff = self.ff.forward(&normed)?;
+        Ok(gate_mlp.broadcast_mul(&ff)?.add(&hidden)?)
+    }
+}
+
+/// x·(1 + scale) + shift, with (B, 1, D) scale and shift.
+fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
+    xs.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
+}
+
+/// diffusers' `PixArtTransformer2DModel`.
+#[derive(Debug)]
+pub struct PixArtTransformer2DModel {
+    info: BackboneInfo,
+    config: Config,
+    pos_embed: PatchEmbed,
+    adaln_single: AdaLayerNormSingle,
+    caption_projection: Option<PixArtAlphaTextProjection>,
+    transformer_blocks: Vec<BasicTransformerBlock>,
+    norm_out: LayerNorm,
+    /// (2, D): shift and scale offsets of the final norm.
+    scale_shift_table: Tensor,
+    proj_out: Linear,
+    dtype: DType,
+}
+
+impl PixArtTransformer2DModel {
+    /// Builds the model from `vb` (the weights' root, names as in diffusers' state dict).
+    pub fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
+        cfg.validate().map_err(|p| {
+            candle_core::Error::Msg(format!("config field `{}`: {}", p.field, p.message))
+        })?;
+        let activation = FeedForwardActivation::from_diffusers_name(&cfg.activation_fn)
+            .expect("validated activation");
+        let dim = cfg.inner_dim();
+        let p = cfg.patch_size;
+        let out_channels = cfg.out_channels();
+        let pos_embed = PatchEmbed::new(
+            cfg.sample_size,
+            p,
+            cfg.in_channels,
+            dim,
+            cfg.interpolation_scale(),
+            vb.pp("pos_embed"),
+        )?;
+        let transformer_blocks = (0..cfg.num_layers)
+            .map(|i| BasicTransformerBlock::new(cfg, activation, vb.pp("transformer_blocks").pp(i)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let caption_projection = match cfg.caption_channels {
+            Some(c) => Some(PixArtAlphaTextProjection::new(
+                c,
+                dim,
+                vb.pp("caption_projection"),
+            )?),
+            None => None,
+        };
+        let info = BackboneInfo {
+            class_name: CLASS_NAME,
+            num_layers: cfg.num_layers,
+            num_attention_heads: cfg.num_attention_heads,
+            attention_head_dim: cfg.attention_head_dim,
+            in_channels: cfg.in_channels,
+            out_channels,
+            patch_size: p,
+            sample_size: cfg.sample_size,
+            caption_channels: cfg
+                .caption_channels
+                .or(cfg.cross_attention_dim)
+                .unwrap_or(dim),
+        };
+        Ok(Self {
+            info,
+            config: cfg.clone(),
+            pos_embed,
+            adaln_single: AdaLayerNormSingle::new(
+                dim,
+                cfg.use_additional_conditions(),
+                vb.pp("adaln_single"),
+            )?,
+            caption_projection,
+            transformer_blocks,
+            norm_out: LayerNorm::without_affine(1e-6),
+            scale_shift_table: vb.get((2, dim), "scale_shift_table")?,
+            proj_out: candle_nn::linear(dim, p * p * out_channels, vb.pp("proj_out"))?,
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Reads `dir/config.json` and the weights in `dir`; errors name the file, and the field or
+    /// tensor at fault.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        let file = dir.join("config.json");
+        let config: Config = xfuser_core::config::read_json_config(&file)?;
+        config.validate().map_err(|p| Error::Config {
+            file: file.clone(),
+            field: p.field.to_string(),
+            message: p.message,
+        })?;
+        let weights = WeightFiles::find(dir, "diffusion_pytorch_model")?;
+        let vb = weights.var_builder(options.dtype, &options.device)?;
+        Self::new(&config, vb).map_err(|e| weights.error(e))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The timesteps as (B,): a single value is repeated over the batch.
+    fn batch_timesteps(&self, timestep: &Tensor, batch: usize) -> Result<Tensor> {
+        let t = timestep.flatten_all()?;
+        match t.dim(0)? {
+            n if n == batch => Ok(t),
+            1 => Ok(t.broadcast_as(batch)?.contiguous()?),
+            n => Err(Error::invalid(format!(
+                "timestep has {n} values for a batch of {batch}"
+            ))),
+        }
+    }
+
+    /// diffusers turns a (B, L) 0/1 mask into a (B, 1, L) bias of 0 / −10000; a 3-D input is
+    /// already such a bias. Returned as (B, 1, 1, L), broadcastable over heads and queries.
+    fn encoder_bias(&self, mask: &Tensor) -> Result<Tensor> {
+        let mask = mask.to_dtype(self.dtype)?;
+        let bias = match mask.rank() {
+            2 => ((1.0 - mask)? * -10000.0)?,
+            3 => mask.squeeze(1)?,
+            r => {
+                return Err(Error::invalid(format!(
+                    "encoder_attention_mask must be (B, L) or (B, 1, L), got rank {r}"
+                )))
+            }
+        };
+        let (b, l) = bias.dims2()?;
+        Ok(bias.reshape((b, 1, 1, l))?)
+    }
+}
+
+impl Backbone for PixArtTransformer2DModel {
+    fn info(&self) -> &BackboneInfo {
+        &self.info
+    }
+
+    fn embed(&self, inputs: &BackboneInputs, _ctx: &ForwardContext) -> Result<BlockState> {
+        let (batch, channels, height, width) = inputs.hidden_states.dims4()?;
+        let p = self.config.patch_size;
+        if channels != self.config.in_channels
+            || !height.is_multiple_of(p)
+            || !width.is_multiple_of(p)
+        {
+            return Err(Error::invalid(format!(
+                "hidden_states {:?}: expected (B, {}, H, W) with H and W multiples of {p}",
+                inputs.hidden_states.dims(),
+                self.config.in_channels
+            )));
+        }
+        let hidden = self
+            .pos_embed
+            .forward(&inputs.hidden_states.to_dtype(self.dtype)?)?;
+
+        let timestep = self.batch_timesteps(inputs.timestep, batch)?;
+        if self.adaln_single.uses_additional_conditions()
+            && (inputs.resolution.is_none() || inputs.aspect_ratio.is_none())
+        {
+            return Err(Error::invalid(
+                "this PixArt model uses additional conditions: resolution and aspect_ratio are required",
+            ));
+        }
+        let (block_conditioning, head_conditioning) = self.adaln_single.forward(
+            &timestep,
+            inputs.resolution,
+            inputs.aspect_ratio,
+            self.dtype,
+        )?;
+
+        let encoder = inputs.encoder_hidden_states.to_dtype(self.dtype)?;
+        let encoder = match &self.caption_projection {
+            Some(proj) => proj.forward(&encoder)?,
+            None => encoder,
+        };
+        let encoder_bias = inputs
+            .encoder_attention_mask
+            .map(|m| self.encoder_bias(m))
+            .transpose()?;
+
+        Ok(BlockState {
+            hidden,
+            encoder,
+            encoder_bias,
+            block_conditioning,
+            head_conditioning,
+            grid: (height / p, width / p),
+        })
+    }
+
+    fn blocks(
+        &self,
+        mut state: BlockState,
+        layers: Range<usize>,
+        ctx: &ForwardContext,
+    ) -> Result<BlockState> {
+        let blocks = self.transformer_blocks.get(layers.clone()).ok_or_else(|| {
+            Error::invalid(format!(
+                "blocks {layers:?} out of range: the model has {} layers",
+                self.transformer_blocks.len()
+            ))
+        })?;
+        let serial = SerialAttention;
+        let processor: &dyn AttentionProcessor = ctx.attention.as_deref().unwrap_or(&serial);
+        for (layer, block) in layers.zip(blocks) {
+            state.hidden = block.forward(&state.hidden, &state, layer, processor)?;
+        }
+        Ok(state)
+    }
+
+    fn head(&self, state: BlockState, _ctx: &ForwardContext) -> Result<Tensor> {
+        let (batch, tokens, dim) = state.hidden.dims3()?;
+        let (rows, cols) = state.grid;
+        if tokens != rows * cols {
+            return Err(Error::invalid(format!(
+                "head: {tokens} tokens for a {rows}x{cols} patch grid"
+            )));
+        }
+        // (2, D) + (B, 1, D) -> shift, scale (B, 1, D)
+        let table = self
+            .scale_shift_table
+            .unsqueeze(0)?
+            .broadcast_add(&state.head_conditioning.reshape((batch, 1, dim))?)?;
+        let (shift, scale) = (table.narrow(1, 0, 1)?, table.narrow(1, 1, 1)?);
+        let hidden = modulate(&self.norm_out.forward(&state.hidden)?, &shift, &scale)?;
+        let hidden = self.proj_out.forward(&hidden)?;
+        Ok(unpatchify(
+            &hidden,
+            state.grid,
+            self.config.patch_size,
+            self.info.out_channels,
+        )?)
+    }
+}
+
+/// (B, rows·cols, p·p·C) -> (B, C, rows·p, cols·p), diffusers' einsum `nhwpqc->nchpwq`.
+fn unpatchify(
+    xs: &Tensor,
+    grid: (usize, usize),
+    p: usize,
+    channels: usize,
+) -> candle_core::Result<Tensor> {
+    let b = xs.dim(0)?;
+    let (rows, cols) = grid;
+    xs.reshape((b, rows, cols, p, p, channels))?
+        .permute((0, 5, 1, 3, 2, 4))?
+        .reshape((b, channels, rows * p, cols * p))
+}
+
+fn load_backbone(dir: &Path, options: &LoadOptions) -> Result<Box<dyn Backbone>> {
+    Ok(Box::new(PixArtTransformer2DModel::load(dir, options)?))
+}
+
+fn is_ada_norm_single(config: &serde_json::Value) -> bool {
+    config.get("norm_type").and_then(|v| v.as_str()) == Some("ada_norm_single")
+}
+
+xfuser_core::inventory::submit! {
+    TransformerEntry { class_name: CLASS_NAME, load: load_backbone }
+}
+
+// diffusers' `_CLASS_REMAPPING_DICT`: PixArt-α checkpoints still name `Transformer2DModel`.
+xfuser_core::inventory::submit! {
+    ClassAlias {
+        kind: Kind::Transformer,
+        alias: "Transformer2DModel",
+        target: CLASS_NAME,
+        applies: is_ada_norm_single,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Config {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn defaults_follow_diffusers() {
+        let cfg = parse("{}");
+        assert_eq!(cfg.inner_dim(), 1152);
+        assert_eq!(cfg.out_channels(), 8);
+        assert!(cfg.use_additional_conditions());
+        assert_eq!(cfg.interpolation_scale(), 2.0);
+        let cfg = parse(r#"{"sample_size": 64, "out_channels": null}"#);
+        assert_eq!(cfg.out_channels(), 4);
+        assert!(!cfg.use_additional_conditions());
+        assert_eq!(cfg.interpolation_scale(), 1.0);
+        let cfg = parse(r#"{"sample_size": 32, "interpolation_scale": 0.5}"#);
+        assert_eq!(cfg.interpolation_scale(), 0.5);
+        assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn unsupported_configs_name_the_field() {
+        let bad = [
+            (
+                r#"{"norm_type": "ada_norm_zero"}"#,
+                "norm_type",
+                "ada_norm_zero",
+            ),
+            (
+                r#"{"num_embeds_ada_norm": null}"#,
+                "num_embeds_ada_norm",
+                "null",
+            ),
+            (r#"{"activation_fn": "geglu"}"#, "activation_fn", "geglu"),
+            (r#"{"attention_type": "gated"}"#, "attention_type", "gated"),
+            (
+                r#"{"num_attention_heads": 2, "attention_head_dim": 32}"#,
+                "use_additional_conditions",
+                "64",
+            ),
+            (
+                r#"{"cross_attention_dim": 77, "caption_channels": 32}"#,
+                "cross_attention_dim",
+                "77",
+            ),
+        ];
+        for (json, field, value) in bad {
+            let p = parse(json).validate().unwrap_err();
+            assert_eq!(p.field, field, "{json}");
+            assert!(p.message.contains(value), "{json}: {}", p.message);
+        }
+    }
+
+    #[test]
+    fn unpatchify_inverts_patchify_layout() {
+        // Each token's (p, q, channel) entry holds the value expected at its output pixel.
+        let (b, rows, cols, p, ch) = (1, 2, 3, 2, 2);
+        let mut data = Vec::new();
+        for r in 0..rows {
+            for c in 0..cols {
+                for pi in 0..p {
+                    for qi in 0..p {
+                        for k in 0..ch {
+                            let y = r * p + pi;
+                            let x = c * p + qi;
+                            data.push((k * 10000 + y * 100 + x) as f32);
+                        }
+                    }
+                }
+            }
+        }
+        let xs = Tensor::from_vec(
+            data,
+            (b, rows * cols, p * p * ch),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let img = unpatchify(&xs, (rows, cols), p, ch).unwrap();
+        let img: Vec<Vec<Vec<f32>>> = img.squeeze(0).unwrap().to_vec3().unwrap();
+        for (k, plane) in img.iter().enumerate() {
+            for (y, row) in plane.iter().enumerate() {
+                for (x, v) in row.iter().enumerate() {
+                    assert_eq!(*v, (k * 10000 + y * 100 + x) as f32);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! PixArtTransformer2DModel against diffusers: the fixtures in tests/fixtures/transformer/ are
+//! tiny random-weight models saved by diffusers with its outputs on fixed inputs
+//! (scripts/fixtures/transformer.py).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use xfuser_core::attention::{AttentionProcessor, SerialAttention};
+use xfuser_core::backbone::{Backbone, BackboneInputs, ForwardContext};
+use xfuser_core::registry::{self, Kind, LoadOptions};
+use xfuser_core::testing::{fixtures_dir, load_goldens, max_abs_diff, rel_l2};
+use xfuser_transformers::pixart_transformer_2d::CLASS_NAME;
+
+fn model_dir(model: &str) -> PathBuf {
+    fixtures_dir().join("transformer").join(model)
+}
+
+fn load(model: &str) -> Box<dyn Backbone> {
+    registry::load_transformer(&model_dir(model), &LoadOptions::default()).unwrap()
+}
+
+fn goldens(model: &str, case: &str) -> HashMap<String, Tensor> {
+    load_goldens(&model_dir(model).join(format!("io_{case}.safetensors"))).unwrap()
+}
+
+fn inputs(io: &HashMap<String, Tensor>) -> BackboneInputs<'_> {
+    BackboneInputs {
+        hidden_states: &io["hidden_states"],
+        encoder_hidden_states: &io["encoder_hidden_states"],
+        timestep: &io["timestep"],
+        encoder_attention_mask: io.get("encoder_attention_mask"),
+        resolution: io.get("resolution"),
+        aspect_ratio: io.get("aspect_ratio"),
+    }
+}
+
+/// One test per (model folder, input case): the forward matches diffusers in f32.
+macro_rules! parity {
+    ($($name:ident: $model:literal, $case:literal;)*) => {$(
+        #[test]
+        fn $name() {
+            let model = load($model);
+            let io = goldens($model, $case);
+            let out = model.forward(&inputs(&io), &ForwardContext::default()).unwrap();
+            let err = rel_l2(&out, &io["output"]).unwrap();
+            println!("{}/{}: rel L2 {err:.3e}", $model, $case);
+            assert!(err <= 1e-5, "{}/{}: rel L2 {err:.3e} > 1e-5", $model, $case);
+        }
+    )*};
+}
+
+parity! {
+    alpha_square: "alpha", "square";
+    alpha_nonsquare_masked_batch: "alpha", "nonsquare_mask";
+    sigma_masked_batch: "sigma", "batch_mask";
+    sigma_nonsquare: "sigma", "nonsquare";
+    transformer2d_alias_defaults: "alias", "square";
+}
+
+#[test]
+fn split_forward_equals_whole() {
+    for (model_name, case) in [("alpha", "nonsquare_mask"), ("sigma", "batch_mask")] {
+        let model = load(model_name);
+        let io = goldens(model_name, case);
+        let (inputs, ctx) = (inputs(&io), ForwardContext::default());
+        let whole = model.forward(&inputs, &ctx).unwrap();
+        let n = model.info().num_layers;
+        for k in 0..=n {
+            let state = model.embed(&inputs, &ctx).unwrap();
+            let state = model.blocks(state, 0..k, &ctx).unwrap();
+            let state = model.blocks(state, k..n, &ctx).unwrap();
+            let split = model.head(state, &ctx).unwrap();
+            assert_eq!(
+                max_abs_diff(&split, &whole).unwrap(),
+                0.0,
+                "{model_name}: split at {k}"
+            );
+        }
+    }
+}
+
+/// Counts the self-attention calls it serves, and serves them serially.
+#[derive(Default)]
+struct CountingAttention {
+    layers_seen: std::sync::Mutex<Vec<usize>>,
+    calls: AtomicUsize,
+}
+
+impl AttentionProcessor for CountingAttention {
+    fn name(&self) -> &'static str {
+        "counting"
+    }
+
+    fn self_attention(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+    ) -> xfuser_core::Result<Tensor> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.layers_seen.lock().unwrap().push(layer);
+        SerialAttention.self_attention(layer, q, k, v, scale)
+    }
+}
+
+#[test]
+fn self_attention_goes_through_the_context_processor() {
+    let model = load("sigma");
+    let io = goldens("sigma", "nonsquare");
+    let counting = Arc::new(CountingAttention::default());
+    let ctx = ForwardContext {
+        attention: Some(counting.clone()),
+    };
+    let out = model.forward(&inputs(&io), &ctx).unwrap();
+    let serial = model
+        .forward(&inputs(&io), &ForwardContext::default())
+        .unwrap();
+    assert_eq!(max_abs_diff(&out, &serial).unwrap(), 0.0);
+    assert_eq!(counting.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(*counting.layers_seen.lock().unwrap(), vec![0, 1]);
+}
+
+#[test]
+fn registry_has_pixart_and_the_transformer2d_alias() {
+    assert!(registry::registered(Kind::Transformer).contains(&CLASS_NAME));
+    let ada_single = serde_json::json!({"norm_type": "ada_norm_single"});
+    let layer_norm = serde_json::json!({"norm_type": "layer_norm"});
+    assert_eq!(
+        registry::resolve_class_name(Kind::Transformer, "Transformer2DModel", &ada_single),
+        CLASS_NAME
+    );
+    assert_eq!(
+        registry::resolve_class_name(Kind::Transformer, "Transformer2DModel", &layer_norm),
+        "Transformer2DModel"
+    );
+    let err = registry::transformer_entry("Transformer2DModel", &layer_norm)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains(CLASS_NAME), "{err}");
+}
+
+#[test]
+fn wrong_input_shapes_are_reported() {
+    let model = load("sigma");
+    let io = goldens("sigma", "nonsquare");
+    let odd = Tensor::zeros(
+        (1, 4, 7, 8),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let err = model
+        .forward(
+            &BackboneInputs {
+                hidden_states: &odd,
+                ..inputs(&io)
+            },
+            &ForwardContext::default(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("multiples of 2"), "{err}");
+    let alpha = load("alpha");
+    let io = goldens("alpha", "square");
+    let err = alpha
+        .forward(
+            &BackboneInputs {
+                resolution: None,
+                ..inputs(&io)
+            },
+            &ForwardContext::default(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("resolution and aspect_ratio"), "{err}");
+}
+
+/// A copy of a fixture model folder in the temp dir, removed on drop.
+struct TempModel {
+    dir: PathBuf,
+}
+
+impl TempModel {
+    fn new(model: &str, tag: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("xfuser-pixart-test-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in ["config.json", "diffusion_pytorch_model.safetensors"] {
+            std::fs::copy(model_dir(model).join(name), dir.join(name)).unwrap();
+        }
+        Self { dir }
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+
+    fn weights_path(&self) -> PathBuf {
+        self.dir.join("diffusion_pytorch_model.safetensors")
+    }
+
+    fn edit_config(&self, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+        let text = std::fs::read_to_string(self.config_path()).unwrap();
+        let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        edit(value.as_object_mut().unwrap());
+        std::fs::write(self.config_path(), value.to_string()).unwrap();
+    }
+
+    fn edit_weights(&self, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+        let mut tensors = load_goldens(&self.weights_path()).unwrap();
+        edit(&mut tensors);
+        candle_core::safetensors::save(&tensors, self.weights_path()).unwrap();
+    }
+
+    fn load_error(&self) -> String {
+        match registry::load_transformer(&self.dir, &LoadOptions::default()) {
+            Ok(_) => panic!("loading {} should fail", self.dir.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+}
+
+impl Drop for TempModel {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn assert_mentions(err: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(err.contains(part), "error does not mention {part:?}: {err}");
+    }
+}
+
+#[test]
+fn config_errors_name_file_and_field() {
+    let t = TempModel::new("sigma", "cfg-class");
+    t.edit_config(|c| {
+        c.remove("_class_name");
+    });
+    assert_mentions(
+        &t.load_error(),
+        &["config.json", "`_class_name`", "missing"],
+    );
+
+    let t = TempModel::new("sigma", "cfg-type");
+    t.edit_config(|c| {
+        c.insert("num_layers".into(), "two".into());
+    });
+    assert_mentions(
+        &t.load_error(),
+        &["config.json", "`num_layers`", "expected usize"],
+    );
+
+    let t = TempModel::new("sigma", "cfg-null");
+    t.edit_config(|c| {
+        c.insert("num_attention_heads".into(), serde_json::Value::Null);
+    });
+    assert_mentions(
+        &t.load_error(),
+        &["config.json", "`num_attention_heads`", "null"],
+    );
+
+    let t = TempModel::new("sigma", "cfg-norm");
+    t.edit_config(|c| {
+        c.insert("norm_type".into(), "ada_norm_continuous".into());
+    });
+    assert_mentions(
+        &t.load_error(),
+        &["config.json", "`norm_type`", "ada_norm_continuous"],
+    );
+}
+
+#[test]
+fn missing_optional_key_takes_diffusers_default() {
+    // Without `num_layers` diffusers builds 28 blocks; the 2-block weights then lack block 2.
+    let t = TempModel::new("sigma", "cfg-default");
+    t.edit_config(|c| {
+        c.remove("num_layers");
+    });
+    assert_mentions(
+        &t.load_error(),
+        &[
+            "diffusion_pytorch_model.safetensors",
+            "transformer_blocks.2.",
+        ],
+    );
+}
+
+#[test]
+fn weight_errors_name_file_tensor_and_shapes() {
+    let t = TempModel::new("sigma", "w-missing");
+    t.edit_weights(|w| {
+        w.remove("proj_out.weight");
+    });
+    assert_mentions(
+        &t.load_error(),
+        &[
+            "diffusion_pytorch_model.safetensors",
+            "proj_out.weight",
+            "cannot find",
+        ],
+    );
+
+    let t = TempModel::new("sigma", "w-shape");
+    t.edit_weights(|w| {
+        let name = "transformer_blocks.1.attn2.to_k.weight";
+        let bad = w[name].narrow(1, 0, 47).unwrap();
+        w.insert(name.into(), bad);
+    });
+    assert_mentions(
+        &t.load_error(),
+        &[
+            "diffusion_pytorch_model.safetensors",
+            "transformer_blocks.1.attn2.to_k.weight",
+            "expected: [48, 48]",
+            "got: [48, 47]",
+        ],
+    );
+
+    let t = TempModel::new("sigma", "w-truncated");
+    let bytes = std::fs::read(t.weights_path()).unwrap();
+    std::fs::write(t.weights_path(), &bytes[..bytes.len() / 2]).unwrap();
+    assert_mentions(
+        &t.load_error(),
+        &[
+            "diffusion_pytorch_model.safetensors",
+            "not a readable safetensors",
+        ],
+    );
+}
+
+#[test]
+fn missing_weights_file_is_reported() {
+    let t = TempModel::new("sigma", "w-none");
+    std::fs::remove_file(t.weights_path()).unwrap();
+    assert_mentions(
+        &t.load_error(),
+        &["no weights found", "diffusion_pytorch_model"],
+    );
+}
