@@ -10,8 +10,14 @@ pub trait AttentionProcessor: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// q, k, v: (B, H, S_local, Dh) -> (B, H, S_local, Dh) for transformer block `layer`.
-    fn self_attention(&self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64)
-        -> Result<Tensor>;
+    fn self_attention(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor>;
 }
 
 /// softmax(q·kᵀ·scale + bias)·v. q: (B, H, S, Dh), k and v: (B, H, L, Dh), bias broadcastable
@@ -43,9 +49,14 @@ impl AttentionProcessor for SerialAttention {
         "serial"
     }
 
-    fn self_attention(&self, _layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64)
-        -> Result<Tensor> {
+    fn self_attention(
+        &self,
+        _layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor> {
         scaled_dot_product_attention(q, k, v, None, scale)
     }
 }
-

@@ -74,8 +74,12 @@ pub trait Backbone: Send + Sync {
     fn embed(&self, inputs: &BackboneInputs, ctx: &ForwardContext) -> Result<BlockState>;
 
     /// Runs the transformer blocks `layers` (indices into 0..num_layers) on `state`.
-    fn blocks(&self, state: BlockState, layers: Range<usize>, ctx: &ForwardContext)
-        -> Result<BlockState>;
+    fn blocks(
+        &self,
+        state: BlockState,
+        layers: Range<usize>,
+        ctx: &ForwardContext,
+    ) -> Result<BlockState>;
 
     /// Final norm, projection and unpatchify: (B, N, D) -> (B, out_channels, H, W).
     fn head(&self, state: BlockState, ctx: &ForwardContext) -> Result<Tensor>;

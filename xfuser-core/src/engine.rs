@@ -68,7 +68,10 @@ impl ParallelConfig {
     pub fn validate(&self) -> Result<()> {
         let degrees = [
             ("--data-parallel-degree", self.data_parallel_degree),
-            ("--pipefusion-parallel-degree", self.pipefusion_parallel_degree),
+            (
+                "--pipefusion-parallel-degree",
+                self.pipefusion_parallel_degree,
+            ),
             ("--ulysses-degree", self.ulysses_degree),
             ("--ring-degree", self.ring_degree),
             ("--tensor-parallel-degree", self.tensor_parallel_degree),
@@ -161,7 +164,9 @@ impl InputConfig {
     /// width must be divisible by (the VAE scale factor times the patch size).
     pub fn validate(&self, multiple: usize) -> Result<()> {
         if self.prompts.is_empty() {
-            return Err(Error::invalid("no prompt given: pass at least one --prompt"));
+            return Err(Error::invalid(
+                "no prompt given: pass at least one --prompt",
+            ));
         }
         if self.num_inference_steps == 0 {
             return Err(Error::invalid("--num-inference-steps must be at least 1"));
@@ -240,11 +245,19 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(p.world_size(), 2);
-        assert!(p.validate().unwrap_err().to_string().contains("world size 2"));
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("world size 2"));
         let zero = ParallelConfig {
             ring_degree: 0,
             ..Default::default()
         };
-        assert!(zero.validate().unwrap_err().to_string().contains("--ring-degree"));
+        assert!(zero
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--ring-degree"));
     }
 }

@@ -123,7 +123,10 @@ pub fn pipeline_entry(name: &str, config: &serde_json::Value) -> Result<&'static
         .ok_or_else(|| unknown(Kind::Pipeline, name))
 }
 
-pub fn transformer_entry(name: &str, config: &serde_json::Value) -> Result<&'static TransformerEntry> {
+pub fn transformer_entry(
+    name: &str,
+    config: &serde_json::Value,
+) -> Result<&'static TransformerEntry> {
     let target = resolve_class_name(Kind::Transformer, name, config);
     inventory::iter::<TransformerEntry>
         .into_iter()

@@ -84,7 +84,10 @@ fn shard_files(index: &Path, dir: &Path) -> Result<Vec<PathBuf>> {
     if let Some(missing) = files.iter().find(|f| !f.is_file()) {
         return Err(Error::Weights {
             file: index.to_path_buf(),
-            message: format!("shard {} listed in weight_map does not exist", missing.display()),
+            message: format!(
+                "shard {} listed in weight_map does not exist",
+                missing.display()
+            ),
         });
     }
     Ok(files)
