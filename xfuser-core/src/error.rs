@@ -2,6 +2,7 @@
 //! field or tensor involved, so a message alone tells the user what to fix.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -39,6 +40,28 @@ pub enum Error {
     /// A feature that a configuration asks for and this build does not have.
     #[error("not supported: {0}")]
     Unsupported(String),
+
+    /// A communication op that cannot complete: a peer failed or left the run, the ranks
+    /// disagree on the op or its tensors, or the group is broken by an earlier failure.
+    #[error("{op} on process group {group}: {message}")]
+    Comm {
+        group: String,
+        op: &'static str,
+        message: String,
+    },
+
+    /// A communication op whose peers did not all join within the timeout.
+    #[error("{op} on process group {group} timed out after {timeout:?}: {message}")]
+    CommTimeout {
+        group: String,
+        op: &'static str,
+        timeout: Duration,
+        message: String,
+    },
+
+    /// A rank's closure panicked; the message is the panic's.
+    #[error("rank {rank} panicked: {message}")]
+    RankPanicked { rank: usize, message: String },
 
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod backbone;
 pub mod config;
+pub mod distributed;
 pub mod engine;
 pub mod error;
 pub mod pipeline;
