@@ -17,7 +17,8 @@ pub fn read_json_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
 
 /// Parses `text` (the contents of `path`) as JSON into `T`; see [`read_json_config`].
 pub fn parse_json_config<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
-    let de = &mut serde_json::Deserializer::from_str(text);
+    let text = quote_non_finite(text);
+    let de = &mut serde_json::Deserializer::from_str(&text);
     serde_path_to_error::deserialize(de).map_err(|err| {
         let inner = err.inner();
         let message = inner.to_string();
@@ -60,6 +61,69 @@ pub fn class_name_of(value: &serde_json::Value, path: &Path) -> Result<String> {
     }
 }
 
+/// Python's json module (and so diffusers' `save_pretrained`) writes non-finite floats as bare
+/// `Infinity`, `-Infinity` and `NaN`, which JSON does not allow; e.g. DPM-Solver's default
+/// `lambda_min_clipped` is `-Infinity`. Outside string literals, such tokens become the strings
+/// `"Infinity"`, `"-Infinity"`, `"NaN"`, which fields read with [`f64_or_non_finite`] accept.
+fn quote_non_finite(text: &str) -> std::borrow::Cow<'_, str> {
+    const TOKENS: [&str; 3] = ["-Infinity", "Infinity", "NaN"];
+    if !TOKENS.iter().any(|t| text.contains(t)) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if !in_string {
+            if let Some(token) = TOKENS.iter().find(|t| rest.starts_with(**t)) {
+                out.push('"');
+                out.push_str(token);
+                out.push('"');
+                rest = &rest[token.len()..];
+                continue;
+            }
+        }
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Deserializes an f64 that may be written as `Infinity`, `-Infinity` or `NaN` (see
+/// [`quote_non_finite`]); use as `#[serde(deserialize_with = "...")]`.
+pub fn f64_or_non_finite<'de, D: serde::Deserializer<'de>>(
+    de: D,
+) -> std::result::Result<f64, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Lenient {
+        Number(f64),
+        Text(String),
+    }
+    match <Lenient as serde::Deserialize>::deserialize(de)? {
+        Lenient::Number(x) => Ok(x),
+        Lenient::Text(t) => match t.as_str() {
+            "Infinity" => Ok(f64::INFINITY),
+            "-Infinity" => Ok(f64::NEG_INFINITY),
+            "NaN" => Ok(f64::NAN),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a number, Infinity, -Infinity or NaN, found string {other:?}"
+            ))),
+        },
+    }
+}
+
 fn missing_field_name(message: &str) -> Option<&str> {
     let rest = message.strip_prefix("missing field `")?;
     rest.split('`').next()
@@ -94,6 +158,34 @@ mod tests {
             .to_string();
         assert!(err.contains("field `num_layers`"), "{err}");
         assert!(err.contains("expected usize"), "{err}");
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Clip {
+        #[serde(deserialize_with = "f64_or_non_finite")]
+        lambda_min_clipped: f64,
+        name: String,
+    }
+
+    #[test]
+    fn python_non_finite_floats_are_read() {
+        let text = r#"{"lambda_min_clipped": -Infinity, "name": "say \"NaN\" -Infinity"}"#;
+        let cfg: Clip = parse_json_config(text, Path::new("s.json")).unwrap();
+        assert_eq!(cfg.lambda_min_clipped, f64::NEG_INFINITY);
+        assert_eq!(cfg.name, "say \"NaN\" -Infinity");
+        let nan: Clip = parse_json_config(
+            r#"{"lambda_min_clipped": NaN, "name": ""}"#,
+            Path::new("s.json"),
+        )
+        .unwrap();
+        assert!(nan.lambda_min_clipped.is_nan());
+        let err = parse_json_config::<Clip>(
+            r#"{"lambda_min_clipped": "low", "name": ""}"#,
+            Path::new("s.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("lambda_min_clipped"), "{err}");
     }
 
     #[test]

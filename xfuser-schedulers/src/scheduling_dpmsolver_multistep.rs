@@ -117,7 +117,10 @@ pub struct Config {
     pub flow_shift: f64,
     #[serde(default = "default_final_sigmas_type")]
     pub final_sigmas_type: String,
-    #[serde(default = "default_lambda_min_clipped")]
+    #[serde(
+        default = "default_lambda_min_clipped",
+        deserialize_with = "xfuser_core::config::f64_or_non_finite"
+    )]
     pub lambda_min_clipped: f64,
     #[serde(default)]
     pub variance_type: Option<String>,

@@ -1,0 +1,125 @@
+//! The denoising loop of the PixArt family: classifier-free guidance around a backbone,
+//! stepped by a scheduler, as diffusers' pipelines run it.
+
+use candle_core::{DType, Tensor};
+use xfuser_core::backbone::{Backbone, BackboneInputs, ForwardContext};
+use xfuser_core::random::Generator;
+use xfuser_core::scheduler::Scheduler;
+use xfuser_core::{Error, Result};
+
+/// Text conditioning for one side of classifier-free guidance.
+#[derive(Debug, Clone)]
+pub struct TextConditioning {
+    /// (B, L, caption_channels)
+    pub embeds: Tensor,
+    /// (B, L), 1 for tokens attended to.
+    pub mask: Tensor,
+}
+
+/// What the denoising loop conditions on.
+#[derive(Debug, Clone)]
+pub struct Guidance {
+    pub positive: TextConditioning,
+    /// Present exactly when guidance is on (diffusers: guidance_scale > 1).
+    pub negative: Option<TextConditioning>,
+    pub guidance_scale: f64,
+    /// PixArt-α micro-conditioning, (B, 2) and (B, 1), when the model uses it.
+    pub resolution: Option<Tensor>,
+    pub aspect_ratio: Option<Tensor>,
+}
+
+impl Guidance {
+    pub fn uses_cfg(&self) -> bool {
+        self.negative.is_some()
+    }
+}
+
+/// Runs every step of `scheduler`'s schedule from `latents` (already scaled by
+/// `init_noise_sigma`) and returns the final latents. `on_step(i, n)` is called after each step.
+pub fn denoise(
+    backbone: &dyn Backbone,
+    scheduler: &dyn Scheduler,
+    latents: Tensor,
+    guidance: &Guidance,
+    ctx: &ForwardContext,
+    mut generator: Option<&mut Generator>,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> Result<Tensor> {
+    let timesteps = scheduler.timesteps().to_vec();
+    if timesteps.is_empty() {
+        return Err(Error::invalid(
+            "the scheduler has no timesteps: call set_timesteps with at least one step",
+        ));
+    }
+    let (embeds, mask) = batched_text(guidance)?;
+    let latent_channels = latents.dim(1)?;
+    let batch = latents.dim(0)?;
+    let mut state = scheduler.new_state();
+    let mut latents = latents;
+    for (i, &t) in timesteps.iter().enumerate() {
+        let model_input = if guidance.uses_cfg() {
+            Tensor::cat(&[&latents, &latents], 0)?
+        } else {
+            latents.clone()
+        };
+        let model_input = scheduler.scale_model_input(&state, &model_input)?;
+        let timestep = Tensor::full(t as f32, model_input.dim(0)?, latents.device())?;
+        let resolution = cfg_repeat(guidance.resolution.as_ref(), guidance.uses_cfg())?;
+        let aspect_ratio = cfg_repeat(guidance.aspect_ratio.as_ref(), guidance.uses_cfg())?;
+        let inputs = BackboneInputs {
+            hidden_states: &model_input,
+            encoder_hidden_states: &embeds,
+            timestep: &timestep,
+            encoder_attention_mask: Some(&mask),
+            resolution: resolution.as_ref(),
+            aspect_ratio: aspect_ratio.as_ref(),
+        };
+        let prediction = backbone.forward(&inputs, ctx)?;
+        let noise = apply_guidance(&prediction, guidance, batch)?;
+        let noise = drop_learned_sigma(&noise, latent_channels)?;
+        latents = scheduler.step(&mut state, &noise, &latents, generator.as_deref_mut())?;
+        on_step(i + 1, timesteps.len());
+    }
+    Ok(latents)
+}
+
+/// Negative then positive along the batch, as diffusers concatenates them.
+fn batched_text(guidance: &Guidance) -> Result<(Tensor, Tensor)> {
+    let pos = &guidance.positive;
+    let mask = pos.mask.to_dtype(DType::F32)?;
+    match &guidance.negative {
+        None => Ok((pos.embeds.clone(), mask)),
+        Some(neg) => Ok((
+            Tensor::cat(&[&neg.embeds, &pos.embeds], 0)?,
+            Tensor::cat(&[&neg.mask.to_dtype(DType::F32)?, &mask], 0)?,
+        )),
+    }
+}
+
+fn cfg_repeat(t: Option<&Tensor>, cfg: bool) -> Result<Option<Tensor>> {
+    Ok(match t {
+        Some(t) if cfg => Some(Tensor::cat(&[t, t], 0)?),
+        Some(t) => Some(t.clone()),
+        None => None,
+    })
+}
+
+/// uncond + scale·(cond − uncond) on the two halves of a CFG batch; identity without CFG.
+pub fn apply_guidance(prediction: &Tensor, guidance: &Guidance, batch: usize) -> Result<Tensor> {
+    if !guidance.uses_cfg() {
+        return Ok(prediction.clone());
+    }
+    let uncond = prediction.narrow(0, 0, batch)?;
+    let cond = prediction.narrow(0, batch, batch)?;
+    Ok((&uncond + ((cond - &uncond)? * guidance.guidance_scale)?)?)
+}
+
+/// PixArt predicts (noise, variance) when out_channels = 2·latent channels; the loop keeps
+/// the noise half.
+fn drop_learned_sigma(prediction: &Tensor, latent_channels: usize) -> Result<Tensor> {
+    if prediction.dim(1)? == 2 * latent_channels {
+        Ok(prediction.narrow(1, 0, latent_channels)?)
+    } else {
+        Ok(prediction.clone())
+    }
+}

@@ -1,0 +1,291 @@
+//! The VAE decoder of the PixArt pipelines: diffusers' `AutoencoderKL`
+//! (`models/autoencoders/autoencoder_kl.py`) as candle-transformers' Stable Diffusion
+//! `AutoEncoderKL` implements it, with the config read and checked here, and the latents
+//! unscaled as diffusers' PixArt pipelines do before `vae.decode`.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use xfuser_core::weights::WeightFiles;
+use xfuser_core::{Error, Result};
+
+pub const CLASS_NAME: &str = "AutoencoderKL";
+
+/// The only block types candle's VAE builds (diffusers' defaults, used by every PixArt VAE).
+const DOWN_BLOCK: &str = "DownEncoderBlock2D";
+const UP_BLOCK: &str = "UpDecoderBlock2D";
+
+/// `vae/config.json`, field for field with diffusers' `AutoencoderKL.__init__` defaults (a key
+/// absent from the file takes the default, as in diffusers). Unknown keys are ignored.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "default_in_channels")]
+    pub in_channels: usize,
+    #[serde(default = "default_in_channels")]
+    pub out_channels: usize,
+    #[serde(default = "default_down_block_types")]
+    pub down_block_types: Vec<String>,
+    #[serde(default = "default_up_block_types")]
+    pub up_block_types: Vec<String>,
+    #[serde(default = "default_block_out_channels")]
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "default_layers_per_block")]
+    pub layers_per_block: usize,
+    #[serde(default = "default_act_fn")]
+    pub act_fn: String,
+    #[serde(default = "default_latent_channels")]
+    pub latent_channels: usize,
+    #[serde(default = "default_norm_num_groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "default_sample_size")]
+    pub sample_size: usize,
+    #[serde(default = "default_scaling_factor")]
+    pub scaling_factor: f64,
+    /// Read but not applied: diffusers' PixArt pipelines divide by `scaling_factor` only.
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    /// Only the PixArt pipelines' fp16 handling would read this; decoding runs in the dtype the
+    /// VAE is loaded in, as in those pipelines.
+    #[serde(default = "default_true")]
+    pub force_upcast: bool,
+    #[serde(default = "default_true")]
+    pub use_quant_conv: bool,
+    #[serde(default = "default_true")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "default_true")]
+    pub mid_block_add_attention: bool,
+}
+
+fn default_in_channels() -> usize {
+    3
+}
+fn default_down_block_types() -> Vec<String> {
+    vec![DOWN_BLOCK.into()]
+}
+fn default_up_block_types() -> Vec<String> {
+    vec![UP_BLOCK.into()]
+}
+fn default_block_out_channels() -> Vec<usize> {
+    vec![64]
+}
+fn default_layers_per_block() -> usize {
+    1
+}
+fn default_act_fn() -> String {
+    "silu".into()
+}
+fn default_latent_channels() -> usize {
+    4
+}
+fn default_norm_num_groups() -> usize {
+    32
+}
+fn default_sample_size() -> usize {
+    32
+}
+fn default_scaling_factor() -> f64 {
+    0.18215
+}
+fn default_true() -> bool {
+    true
+}
+
+impl VaeConfig {
+    /// Reads `path` (a `vae/config.json`) and checks that candle's VAE can run it.
+    pub fn load(path: &Path) -> Result<Self> {
+        let config: Self = xfuser_core::config::read_json_config(path)?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// `2^(len(block_out_channels) - 1)`: pixels per latent along each side.
+    pub fn vae_scale_factor(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+
+    /// Errors name `path` and the first field at fault: [`Error::Unsupported`] for something
+    /// diffusers runs and candle's VAE does not, [`Error::Config`] for an inconsistent config.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let unsupported = |field: &str, value: &str, why: &str| {
+            Err(Error::Unsupported(format!(
+                "{}: field `{field}`: `{value}` is not supported; {why}",
+                path.display()
+            )))
+        };
+        let inconsistent = |field: &str, message: String| {
+            Err(Error::Config {
+                file: path.to_path_buf(),
+                field: field.into(),
+                message,
+            })
+        };
+        for (field, types, only) in [
+            ("down_block_types", &self.down_block_types, DOWN_BLOCK),
+            ("up_block_types", &self.up_block_types, UP_BLOCK),
+        ] {
+            if let Some(other) = types.iter().find(|t| t.as_str() != only) {
+                return unsupported(field, other, &format!("only `{only}`"));
+            }
+            if types.len() != self.block_out_channels.len() {
+                return inconsistent(
+                    field,
+                    format!(
+                        "{} entries, but block_out_channels has {}",
+                        types.len(),
+                        self.block_out_channels.len()
+                    ),
+                );
+            }
+        }
+        if self.act_fn != "silu" {
+            return unsupported("act_fn", &self.act_fn, "only `silu`");
+        }
+        if !self.mid_block_add_attention {
+            return unsupported(
+                "mid_block_add_attention",
+                "false",
+                "candle's VAE always has the mid-block attention",
+            );
+        }
+        if self.block_out_channels.is_empty() || self.block_out_channels.contains(&0) {
+            return inconsistent(
+                "block_out_channels",
+                format!(
+                    "{:?}: needs at least one block, each with channels",
+                    self.block_out_channels
+                ),
+            );
+        }
+        if self.norm_num_groups == 0 {
+            return inconsistent("norm_num_groups", "must be positive".into());
+        }
+        if let Some(c) = self
+            .block_out_channels
+            .iter()
+            .find(|c| *c % self.norm_num_groups != 0)
+        {
+            return inconsistent(
+                "norm_num_groups",
+                format!(
+                    "{} does not divide block_out_channels entry {c}",
+                    self.norm_num_groups
+                ),
+            );
+        }
+        if self.latent_channels == 0 || self.in_channels == 0 || self.out_channels == 0 {
+            return inconsistent(
+                "latent_channels",
+                "latent_channels, in_channels and out_channels must be positive".into(),
+            );
+        }
+        if !self.scaling_factor.is_finite() || self.scaling_factor == 0.0 {
+            return inconsistent(
+                "scaling_factor",
+                format!("{}: must be finite and non-zero", self.scaling_factor),
+            );
+        }
+        Ok(())
+    }
+
+    fn candle_config(&self) -> AutoEncoderKLConfig {
+        AutoEncoderKLConfig {
+            block_out_channels: self.block_out_channels.clone(),
+            layers_per_block: self.layers_per_block,
+            latent_channels: self.latent_channels,
+            norm_num_groups: self.norm_num_groups,
+            use_quant_conv: self.use_quant_conv,
+            use_post_quant_conv: self.use_post_quant_conv,
+        }
+    }
+}
+
+/// A loaded `AutoencoderKL`, used for decoding.
+pub struct AutoencoderKL {
+    config: VaeConfig,
+    model: AutoEncoderKL,
+    dtype: DType,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for AutoencoderKL {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AutoencoderKL")
+            .field("dir", &self.dir)
+            .field("dtype", &self.dtype)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AutoencoderKL {
+    /// Loads `dir/config.json` and `dir/diffusion_pytorch_model.safetensors` (or its sharded
+    /// index). Errors name the config file and field, or the weights file and the tensor.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = VaeConfig::load(&dir.join("config.json"))?;
+        let weights = WeightFiles::find(dir, "diffusion_pytorch_model")?;
+        let vb = weights.var_builder(dtype, device)?;
+        // The encoder is built too (candle has no decoder-only constructor), so its weights
+        // must be present, as they are in every diffusers VAE folder.
+        let model = AutoEncoderKL::new(
+            vb,
+            config.in_channels,
+            config.out_channels,
+            config.candle_config(),
+        )
+        .map_err(|e| weights.error(e))?;
+        Ok(Self {
+            config,
+            model,
+            dtype,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn vae_scale_factor(&self) -> usize {
+        self.config.vae_scale_factor()
+    }
+
+    /// `vae.decode(z)` on latents already unscaled: (B, latent_channels, h, w) ->
+    /// (B, out_channels, h * f, w * f), f = [`Self::vae_scale_factor`].
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let (_b, c, _h, _w) = z.dims4()?;
+        if c != self.config.latent_channels {
+            return Err(Error::invalid(format!(
+                "VAE in {}: latents have {c} channels, latent_channels is {}",
+                self.dir.display(),
+                self.config.latent_channels
+            )));
+        }
+        let z = z.to_dtype(self.dtype)?;
+        // One batch entry at a time: candle 0.11.1's CPU matmul folds a batch into the rows of
+        // one gemm when the rhs is batch-invariant, without checking that the lhs rows are
+        // contiguous, so the mid-block attention's `Linear` on its transposed (B, HW, C) view
+        // returns wrong values for every entry after the first (huggingface/candle#3758).
+        // Entries are independent in the VAE, so this is the batched result, as diffusers'
+        // `enable_slicing` computes it too.
+        let images = (0..z.dim(0)?)
+            .map(|i| self.model.decode(&z.narrow(0, i, 1)?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&images, 0)?)
+    }
+
+    /// What diffusers' PixArt-α/Σ pipelines do with the final latents:
+    /// `vae.decode(latents / scaling_factor)`, an image in [-1, 1] space (unclamped),
+    /// (B, latent_channels, h, w) -> (B, 3, h * f, w * f). `shift_factor` is not applied,
+    /// exactly as in those pipelines.
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        // Cast, then divide in the VAE's dtype, as Σ does (α divides first, and errors unless
+        // the dtypes already agree, so the two are the same wherever α runs).
+        let z = (latents.to_dtype(self.dtype)? / self.config.scaling_factor)?;
+        self.decode(&z)
+    }
+}
