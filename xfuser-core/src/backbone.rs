@@ -10,7 +10,8 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use crate::attention::AttentionProcessor;
-use crate::Result;
+use crate::distributed::{Patch, ProcessGroup, RankContext, SpSlice};
+use crate::{Error, Result};
 
 /// Inputs of one denoising forward, named as in diffusers.
 #[derive(Debug, Clone, Copy)]
@@ -61,10 +62,150 @@ pub struct BackboneInfo {
     pub caption_channels: usize,
 }
 
-/// How a forward is run: which attention processor does self-attention. The default is serial.
+/// How a forward is run: which attention processor does self-attention and, for sequence
+/// parallelism, how the image tokens split over the sp ranks. The default is serial.
 #[derive(Clone, Default)]
 pub struct ForwardContext {
     pub attention: Option<Arc<dyn AttentionProcessor>>,
+    /// Set for a sequence-parallel forward: `embed` then yields only this rank's tokens
+    /// (`sp.slice()`, padded to `sp.padded_len()`), the processor exchanges what attention
+    /// needs, and `head` gathers the tokens so that every sp rank returns the whole output.
+    pub sp: Option<SpContext>,
+}
+
+impl ForwardContext {
+    /// A sequence-parallel forward whose self-attention is the processor registered as
+    /// `processor` ("ulysses", "ring", "usp", ...; see [`SpContext::method_name`]), built for
+    /// `sp`. Build one per input shape: the processor keeps the split's lengths.
+    pub fn sequence_parallel(processor: &str, sp: SpContext) -> Result<Self> {
+        let attention = crate::registry::build_attention_processor(processor, &sp)?;
+        Ok(Self {
+            attention: Some(attention),
+            sp: Some(sp),
+        })
+    }
+}
+
+/// Sequence parallelism as one rank sees it in one forward: its sp group and the two groups
+/// that split it (Ulysses inside, Ring across, `sp = ulysses + U·ring`), and the split of the
+/// image's tokens (or of one PipeFusion patch) over the sp ranks, from the runtime state.
+///
+/// The padded layout (see [`crate::distributed::runtime_state`]): every sp rank holds
+/// `padded_len()` tokens, its real ones first; gathered in sp order the sequence is the
+/// `num_tokens()` real tokens, then padding. Attention must ignore keys at gathered positions
+/// `≥ num_tokens()`; the outputs of padded queries are dropped by `head`.
+#[derive(Debug, Clone)]
+pub struct SpContext {
+    sp_group: ProcessGroup,
+    ulysses_group: ProcessGroup,
+    ring_group: ProcessGroup,
+    patch: Patch,
+}
+
+impl SpContext {
+    /// Checks that the groups form the sp mesh (sizes U·R, this rank at `u + U·r`) and that
+    /// `patch` splits over that many ranks.
+    pub fn new(
+        sp_group: ProcessGroup,
+        ulysses_group: ProcessGroup,
+        ring_group: ProcessGroup,
+        patch: Patch,
+    ) -> Result<Self> {
+        let (u, r) = (ulysses_group.size(), ring_group.size());
+        if sp_group.size() != u * r
+            || sp_group.index() != ulysses_group.index() + u * ring_group.index()
+        {
+            return Err(Error::invalid(format!(
+                "sp group {} (index {}) is not ulysses group {} (index {}) × ring group {} \
+                 (index {})",
+                sp_group.name(),
+                sp_group.index(),
+                ulysses_group.name(),
+                ulysses_group.index(),
+                ring_group.name(),
+                ring_group.index()
+            )));
+        }
+        if patch.slices.len() != sp_group.size() {
+            return Err(Error::invalid(format!(
+                "the token split has {} sp slices but the sp degree is {}: the runtime state \
+                 was computed for another mesh",
+                patch.slices.len(),
+                sp_group.size()
+            )));
+        }
+        Ok(Self {
+            sp_group,
+            ulysses_group,
+            ring_group,
+            patch,
+        })
+    }
+
+    /// The context of rank `ctx` for the split `patch` (`InputMetadata::full` for a whole
+    /// image).
+    pub fn from_rank(ctx: &RankContext, patch: Patch) -> Result<Self> {
+        Self::new(
+            ctx.sp_group().clone(),
+            ctx.ulysses_group().clone(),
+            ctx.ring_group().clone(),
+            patch,
+        )
+    }
+
+    pub fn sp_group(&self) -> &ProcessGroup {
+        &self.sp_group
+    }
+
+    pub fn ulysses_group(&self) -> &ProcessGroup {
+        &self.ulysses_group
+    }
+
+    pub fn ring_group(&self) -> &ProcessGroup {
+        &self.ring_group
+    }
+
+    /// The split of the whole sequence over the sp ranks.
+    pub fn patch(&self) -> &Patch {
+        &self.patch
+    }
+
+    /// This rank's share of the tokens.
+    pub fn slice(&self) -> &SpSlice {
+        &self.patch.slices[self.sp_group.index()]
+    }
+
+    /// Tokens every sp rank holds, padding included.
+    pub fn padded_len(&self) -> usize {
+        self.slice().padded_len
+    }
+
+    /// Real tokens of the gathered sequence; gathered positions from here on are padding.
+    pub fn num_tokens(&self) -> usize {
+        self.patch.tokens.len
+    }
+
+    /// The processor name that fits the degrees: "serial", "ulysses", "ring" or "usp".
+    pub fn method_name(&self) -> &'static str {
+        match (self.ulysses_group.size() > 1, self.ring_group.size() > 1) {
+            (false, false) => "serial",
+            (true, false) => "ulysses",
+            (false, true) => "ring",
+            (true, true) => "usp",
+        }
+    }
+
+    /// Ulysses gives each rank `heads / U` whole heads: U must divide them.
+    pub fn check_heads(&self, num_attention_heads: usize) -> Result<()> {
+        let u = self.ulysses_group.size();
+        if !num_attention_heads.is_multiple_of(u) {
+            return Err(Error::invalid(format!(
+                "--ulysses-degree {u} does not divide the {num_attention_heads} attention heads \
+                 of the model: Ulysses gives every rank whole heads"
+            )));
+        }
+        Ok(())
+    }
 }
 
 pub trait Backbone: Send + Sync {

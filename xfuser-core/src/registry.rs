@@ -1,14 +1,17 @@
 //! The registry: components register themselves with `inventory::submit!` under their diffusers
 //! class name, and loaders dispatch on the `_class_name` read from the config files.
 //!
-//! Kinds so far: transformer backbones and schedulers (pipelines, attention processors and
-//! layers join them as they are built). Diffusers' remappings of old class names (e.g.
-//! `Transformer2DModel` with `norm_type: "ada_norm_single"` is PixArt) are registered as
+//! Kinds so far: pipelines, transformer backbones, schedulers and attention processors (layers
+//! join them as they are built). Attention processors are keyed by method name ("serial",
+//! "ulysses", "ring", "usp") rather than a class name. Diffusers' remappings of old class names
+//! (e.g. `Transformer2DModel` with `norm_type: "ada_norm_single"` is PixArt) are registered as
 //! [`ClassAlias`] entries with a predicate on the config.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use crate::backbone::Backbone;
+use crate::attention::AttentionProcessor;
+use crate::backbone::{Backbone, SpContext};
 use crate::engine::EngineConfig;
 use crate::pipeline::DiffusionPipeline;
 use crate::scheduler::Scheduler;
@@ -48,6 +51,16 @@ pub struct SchedulerEntry {
     pub from_config: fn(config: &serde_json::Value, file: &Path) -> Result<Box<dyn Scheduler>>,
 }
 
+/// A self-attention processor for sequence parallelism, keyed by method name and built for one
+/// rank from its groups and the token split of one input shape (`build` checks that the
+/// degrees fit the method).
+pub struct AttentionProcessorEntry {
+    pub name: &'static str,
+    /// One line for `xfuser list`.
+    pub description: &'static str,
+    pub build: fn(sp: &SpContext) -> Result<Arc<dyn AttentionProcessor>>,
+}
+
 /// An old or generic class name that stands for a registered one when `applies` holds on the
 /// config (diffusers remaps such names when it loads).
 pub struct ClassAlias {
@@ -62,6 +75,7 @@ pub enum Kind {
     Pipeline,
     Transformer,
     Scheduler,
+    AttentionProcessor,
 }
 
 impl Kind {
@@ -70,6 +84,7 @@ impl Kind {
             Kind::Pipeline => "pipeline",
             Kind::Transformer => "transformer",
             Kind::Scheduler => "scheduler",
+            Kind::AttentionProcessor => "attention processor",
         }
     }
 }
@@ -77,6 +92,7 @@ impl Kind {
 inventory::collect!(PipelineEntry);
 inventory::collect!(TransformerEntry);
 inventory::collect!(SchedulerEntry);
+inventory::collect!(AttentionProcessorEntry);
 inventory::collect!(ClassAlias);
 
 /// The class names registered for `kind`, sorted.
@@ -93,6 +109,10 @@ pub fn registered(kind: Kind) -> Vec<&'static str> {
         Kind::Scheduler => inventory::iter::<SchedulerEntry>
             .into_iter()
             .map(|e| e.class_name)
+            .collect(),
+        Kind::AttentionProcessor => inventory::iter::<AttentionProcessorEntry>
+            .into_iter()
+            .map(|e| e.name)
             .collect(),
     };
     names.sort_unstable();
@@ -140,6 +160,21 @@ pub fn scheduler_entry(name: &str, config: &serde_json::Value) -> Result<&'stati
         .into_iter()
         .find(|e| e.class_name == target)
         .ok_or_else(|| unknown(Kind::Scheduler, name))
+}
+
+pub fn attention_processor_entry(name: &str) -> Result<&'static AttentionProcessorEntry> {
+    inventory::iter::<AttentionProcessorEntry>
+        .into_iter()
+        .find(|e| e.name == name)
+        .ok_or_else(|| unknown(Kind::AttentionProcessor, name))
+}
+
+/// Builds the attention processor registered as `name` for the rank and split of `sp`.
+pub fn build_attention_processor(
+    name: &str,
+    sp: &SpContext,
+) -> Result<Arc<dyn AttentionProcessor>> {
+    (attention_processor_entry(name)?.build)(sp)
 }
 
 /// Loads the pipeline in folder `dir`, dispatching on its `model_index.json`.

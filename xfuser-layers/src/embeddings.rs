@@ -161,24 +161,48 @@ impl PatchEmbed {
 
     /// (B, C, H, W) latents -> (B, (H/p)·(W/p), D) patch tokens plus positional embedding.
     pub fn forward(&self, latent: &Tensor) -> Result<Tensor> {
+        let (_, _, h, _) = latent.dims4()?;
+        self.forward_rows(latent, 0..h / self.patch_size)
+    }
+
+    /// The tokens of the patch rows `rows` only, with the positional embedding of the whole
+    /// latent's grid: (B, C, H, W) -> (B, rows.len()·(W/p), D), rows[i] of `forward`'s grid.
+    /// A sequence-parallel rank embeds its own rows this way.
+    pub fn forward_rows(&self, latent: &Tensor, rows: std::ops::Range<usize>) -> Result<Tensor> {
         let (b, c, h, w) = latent.dims4()?;
         let p = self.patch_size;
         if !h.is_multiple_of(p) || !w.is_multiple_of(p) {
             candle_core::bail!("latent size {h}x{w} is not a multiple of the patch size {p}");
         }
-        let (rows, cols) = (h / p, w / p);
-        // (B, C, H, W) -> (B, rows, cols, C·p·p), the order of the convolution kernel.
+        let (grid_rows, cols) = (h / p, w / p);
+        if rows.is_empty() || rows.end > grid_rows {
+            candle_core::bail!(
+                "patch rows {rows:?} are empty or outside the {grid_rows} rows of a {h}x{w} latent"
+            );
+        }
+        let n_rows = rows.len();
+        let latent = if n_rows == grid_rows {
+            latent.clone()
+        } else {
+            latent.narrow(2, rows.start * p, n_rows * p)?
+        };
+        // (B, C, n·p, W) -> (B, n, cols, C·p·p), the order of the convolution kernel.
         let patches = latent
-            .reshape((b, c, rows, p, cols, p))?
+            .reshape((b, c, n_rows, p, cols, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
-            .reshape((b * rows * cols, c * p * p))?;
+            .reshape((b * n_rows * cols, c * p * p))?;
         let tokens = patches
             .matmul(&self.weight.t()?)?
             .broadcast_add(&self.bias)?
-            .reshape((b, rows * cols, self.embed_dim))?;
+            .reshape((b, n_rows * cols, self.embed_dim))?;
         // diffusers adds the f32 embedding, promoting, then casts back.
-        let pos = self.pos_embed((rows, cols), latent.device())?;
+        let pos = self.pos_embed((grid_rows, cols), latent.device())?;
+        let pos = if n_rows == grid_rows {
+            pos
+        } else {
+            pos.narrow(0, rows.start * cols, n_rows * cols)?
+        };
         let dtype = tokens.dtype();
         tokens
             .to_dtype(DType::F32)?

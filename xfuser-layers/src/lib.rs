@@ -3,6 +3,7 @@
 //! runtime, their parallel forms (attention processors, patch-aware embeddings, tensor-parallel
 //! linear layers).
 
+pub mod attention_processor;
 pub mod embeddings;
 pub mod feed_forward;
 pub mod normalization;

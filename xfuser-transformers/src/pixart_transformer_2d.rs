@@ -8,6 +8,13 @@
 //! conditioning, caption projection, text mask bias), `blocks` and `head` (final modulated norm,
 //! projection, unpatchify). Module and tensor names are diffusers' state-dict names, so a
 //! diffusers folder loads without renaming.
+//!
+//! Sequence parallelism (a [`ForwardContext`] with `sp`): every sp rank takes the whole latent,
+//! `embed` patch-embeds only its own token rows (with their rows of the global positional
+//! embedding) padded to the split's common length, self-attention goes through the context's
+//! parallel processor, cross-attention needs nothing (the text is replicated), and `head`
+//! projects the local tokens, all-gathers them over the sp group, drops the padding and
+//! unpatchifies, so every sp rank returns the whole output.
 
 use std::ops::Range;
 use std::path::Path;
@@ -15,7 +22,9 @@ use std::path::Path;
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use xfuser_core::attention::{scaled_dot_product_attention, AttentionProcessor, SerialAttention};
-use xfuser_core::backbone::{Backbone, BackboneInfo, BackboneInputs, BlockState, ForwardContext};
+use xfuser_core::backbone::{
+    Backbone, BackboneInfo, BackboneInputs, BlockState, ForwardContext, SpContext,
+};
 use xfuser_core::registry::{ClassAlias, Kind, LoadOptions, TransformerEntry};
 use xfuser_core::weights::WeightFiles;
 use xfuser_core::{Error, Result};
@@ -543,6 +552,39 @@ impl PixArtTransformer2DModel {
         let (b, l) = bias.dims2()?;
         Ok(bias.reshape((b, 1, 1, l))?)
     }
+
+    /// This sp rank's tokens of the (B, C, H, W) latent: its token rows of the patch grid,
+    /// then zero padding up to `sp.padded_len()`: (B, padded_len, D). The split is normally
+    /// of the whole grid (`InputMetadata::full`); a split of some of its rows (a PipeFusion
+    /// patch) makes the forward return those rows only.
+    fn embed_sp_slice(&self, latent: &Tensor, sp: &SpContext) -> Result<Tensor> {
+        let (batch, _, height, width) = latent.dims4()?;
+        let p = self.config.patch_size;
+        let (grid_rows, cols) = (height / p, width / p);
+        let patch = sp.patch();
+        if patch.token_rows.end > grid_rows || patch.tokens.len != patch.token_rows.len() * cols {
+            return Err(Error::invalid(format!(
+                "the sp split covers token rows {:?} ({} tokens) but the latent {:?} has a \
+                 {grid_rows}x{cols} patch grid: compute the runtime state for this input shape",
+                patch.token_rows,
+                patch.tokens.len,
+                latent.dims()
+            )));
+        }
+        let slice = sp.slice();
+        let dim = self.info.num_attention_heads * self.info.attention_head_dim;
+        if slice.token_rows.is_empty() {
+            return Ok(Tensor::zeros(
+                (batch, slice.padded_len, dim),
+                self.dtype,
+                latent.device(),
+            )?);
+        }
+        let tokens = self
+            .pos_embed
+            .forward_rows(latent, slice.token_rows.clone())?;
+        Ok(tokens.pad_with_zeros(1, 0, slice.padding())?)
+    }
 }
 
 impl Backbone for PixArtTransformer2DModel {
@@ -550,7 +592,10 @@ impl Backbone for PixArtTransformer2DModel {
         &self.info
     }
 
-    fn embed(&self, inputs: &BackboneInputs, _ctx: &ForwardContext) -> Result<BlockState> {
+    fn embed(&self, inputs: &BackboneInputs, ctx: &ForwardContext) -> Result<BlockState> {
+        if let Some(sp) = &ctx.sp {
+            sp.check_heads(self.info.num_attention_heads)?;
+        }
         let (batch, channels, height, width) = inputs.hidden_states.dims4()?;
         let p = self.config.patch_size;
         if channels != self.config.in_channels
@@ -563,9 +608,14 @@ impl Backbone for PixArtTransformer2DModel {
                 self.config.in_channels
             )));
         }
-        let hidden = self
-            .pos_embed
-            .forward(&inputs.hidden_states.to_dtype(self.dtype)?)?;
+        let latent = inputs.hidden_states.to_dtype(self.dtype)?;
+        let (hidden, grid) = match &ctx.sp {
+            None => (self.pos_embed.forward(&latent)?, (height / p, width / p)),
+            Some(sp) => (
+                self.embed_sp_slice(&latent, sp)?,
+                (sp.patch().token_rows.len(), width / p),
+            ),
+        };
 
         let timestep = self.batch_timesteps(inputs.timestep, batch)?;
         if self.adaln_single.uses_additional_conditions()
@@ -598,7 +648,7 @@ impl Backbone for PixArtTransformer2DModel {
             encoder_bias,
             block_conditioning,
             head_conditioning,
-            grid: (height / p, width / p),
+            grid,
         })
     }
 
@@ -614,6 +664,12 @@ impl Backbone for PixArtTransformer2DModel {
                 self.transformer_blocks.len()
             ))
         })?;
+        if ctx.sp.as_ref().is_some_and(|sp| sp.sp_group().size() > 1) && ctx.attention.is_none() {
+            return Err(Error::invalid(
+                "a sequence-parallel forward needs a parallel attention processor; build the \
+                 context with ForwardContext::sequence_parallel",
+            ));
+        }
         let serial = SerialAttention;
         let processor: &dyn AttentionProcessor = ctx.attention.as_deref().unwrap_or(&serial);
         for (layer, block) in layers.zip(blocks) {
@@ -622,12 +678,19 @@ impl Backbone for PixArtTransformer2DModel {
         Ok(state)
     }
 
-    fn head(&self, state: BlockState, _ctx: &ForwardContext) -> Result<Tensor> {
+    fn head(&self, state: BlockState, ctx: &ForwardContext) -> Result<Tensor> {
         let (batch, tokens, dim) = state.hidden.dims3()?;
         let (rows, cols) = state.grid;
-        if tokens != rows * cols {
+        let expected = ctx.sp.as_ref().map_or(rows * cols, |sp| sp.padded_len());
+        if tokens != expected {
             return Err(Error::invalid(format!(
-                "head: {tokens} tokens for a {rows}x{cols} patch grid"
+                "head: {tokens} tokens where {expected} were expected for a {rows}x{cols} patch \
+                 grid{}",
+                if ctx.sp.is_some() {
+                    " split over the sp ranks"
+                } else {
+                    ""
+                }
             )));
         }
         // (2, D) + (B, 1, D) -> shift, scale (B, 1, D)
@@ -638,6 +701,16 @@ impl Backbone for PixArtTransformer2DModel {
         let (shift, scale) = (table.narrow(1, 0, 1)?, table.narrow(1, 1, 1)?);
         let hidden = modulate(&self.norm_out.forward(&state.hidden)?, &shift, &scale)?;
         let hidden = self.proj_out.forward(&hidden)?;
+        // Gathering after the projection moves p²·C_out values per token instead of D.
+        let hidden = match &ctx.sp {
+            None => hidden,
+            // (B, P, p²C) -> (B, S·P, p²C), real tokens first -> (B, rows·cols, p²C)
+            Some(sp) => {
+                sp.sp_group()
+                    .all_gather(&hidden.contiguous()?, 1)?
+                    .narrow(1, 0, sp.num_tokens())?
+            }
+        };
         Ok(unpatchify(
             &hidden,
             state.grid,

@@ -115,6 +115,7 @@ fn self_attention_goes_through_the_context_processor() {
     let counting = Arc::new(CountingAttention::default());
     let ctx = ForwardContext {
         attention: Some(counting.clone()),
+        ..ForwardContext::default()
     };
     let out = model.forward(&inputs(&io), &ctx).unwrap();
     let serial = model

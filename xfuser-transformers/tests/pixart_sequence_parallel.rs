@@ -1,0 +1,296 @@
+//! PixArtTransformer2DModel under sequence parallelism (Ulysses, Ring, USP) on the local
+//! backend: every rank's output equals the serial forward, the traffic equals the cost model,
+//! and impossible degrees fail before any work.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use candle_core::Tensor;
+use xfuser_core::backbone::{Backbone, BackboneInputs, ForwardContext, SpContext};
+use xfuser_core::distributed::runtime_state::input_metadata;
+use xfuser_core::distributed::{
+    launch_local, CommCounts, CommOp, InputMetadata, LaunchOptions, RankMesh, ShapeParams,
+};
+use xfuser_core::engine::ParallelConfig;
+use xfuser_core::registry::{self, Kind, LoadOptions};
+use xfuser_core::testing::{fixtures_dir, load_goldens, max_abs_diff, rel_l2};
+// Links the crate so that its registry entries (the backbone, and through xfuser-layers the
+// attention processors) are collected.
+use xfuser_transformers::pixart_transformer_2d::CLASS_NAME;
+
+fn model_dir(model: &str) -> PathBuf {
+    fixtures_dir().join("transformer").join(model)
+}
+
+fn load(model: &str) -> Box<dyn Backbone> {
+    registry::load_transformer(&model_dir(model), &LoadOptions::default()).unwrap()
+}
+
+/// The inputs of a fixture case; `latent_rows` crops the latent (to make a token-row count
+/// that the sp degree does not divide).
+fn case_inputs(model: &str, case: &str, latent_rows: Option<usize>) -> HashMap<String, Tensor> {
+    let path = model_dir(model).join(format!("io_{case}.safetensors"));
+    let mut io = load_goldens(&path).unwrap();
+    if let Some(rows) = latent_rows {
+        let cropped = io["hidden_states"].narrow(2, 0, rows).unwrap();
+        io.insert("hidden_states".into(), cropped);
+    }
+    io
+}
+
+fn inputs(io: &HashMap<String, Tensor>) -> BackboneInputs<'_> {
+    BackboneInputs {
+        hidden_states: &io["hidden_states"],
+        encoder_hidden_states: &io["encoder_hidden_states"],
+        timestep: &io["timestep"],
+        encoder_attention_mask: io.get("encoder_attention_mask"),
+        resolution: io.get("resolution"),
+        aspect_ratio: io.get("aspect_ratio"),
+    }
+}
+
+fn mesh(ulysses: usize, ring: usize) -> RankMesh {
+    RankMesh::new(&ParallelConfig {
+        ulysses_degree: ulysses,
+        ring_degree: ring,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// The split of the latent over `sp` ranks, as the runtime state computes it.
+fn metadata(model: &dyn Backbone, latent: &Tensor, sp: usize) -> InputMetadata {
+    let (batch, _, h, w) = latent.dims4().unwrap();
+    let params = ShapeParams {
+        sp_degree: sp,
+        num_pipeline_patch: 1,
+        patch_size: model.info().patch_size,
+        vae_scale_factor: 8,
+    };
+    input_metadata(h * 8, w * 8, batch, 1, &params).unwrap()
+}
+
+/// Bytes one rank sends per forward, from the shapes (see xfuser_layers::attention_processor):
+/// Ulysses, on the ulysses group, 4 all-to-alls per layer of (U−1)/U of the local q/k/v/o,
+/// each B·H·P·Dh elements; Ring, on the ring group, R−1 steps per layer each sending the local
+/// k and v blocks of B·H·P·Dh elements.
+fn expected_bytes(
+    model: &dyn Backbone,
+    batch: usize,
+    padded_len: usize,
+    u: usize,
+    r: usize,
+) -> (u64, u64) {
+    let info = model.info();
+    let elem = 4; // f32
+    let local =
+        (batch * info.num_attention_heads * padded_len * info.attention_head_dim * elem) as u64;
+    let layers = info.num_layers as u64;
+    let (u, r) = (u as u64, r as u64);
+    let ulysses = 4 * (u - 1) * local / u * layers;
+    let ring = 2 * (r - 1) * local * layers;
+    (ulysses, ring)
+}
+
+struct RankResult {
+    out: Tensor,
+    ulysses: BTreeMap<CommOp, CommCounts>,
+    ring: BTreeMap<CommOp, CommCounts>,
+}
+
+/// Runs the sp forward with `processor` on every rank of a U×R mesh and checks it against the
+/// serial forward and the cost model.
+fn check_sp_forward(
+    model_name: &str,
+    case: &str,
+    latent_rows: Option<usize>,
+    (u, r): (usize, usize),
+    processor: &str,
+    expect_padding: bool,
+) {
+    let model = load(model_name);
+    let io = case_inputs(model_name, case, latent_rows);
+    let inputs = inputs(&io);
+    let serial = model.forward(&inputs, &ForwardContext::default()).unwrap();
+    let meta = metadata(model.as_ref(), inputs.hidden_states, u * r);
+    let padded = meta.full.slices.iter().any(|s| s.padding() > 0);
+    assert_eq!(padded, expect_padding, "padding of {:?}", meta.full.slices);
+
+    let results = launch_local(&mesh(u, r), &LaunchOptions::default(), |ctx| {
+        let sp = SpContext::from_rank(&ctx, meta.full.clone())?;
+        let fctx = ForwardContext::sequence_parallel(processor, sp)?;
+        let out = model.forward(&inputs, &fctx)?;
+        Ok(RankResult {
+            out,
+            ulysses: ctx.ulysses_group().comm_stats(),
+            ring: ctx.ring_group().comm_stats(),
+        })
+    })
+    .unwrap();
+
+    let latent = inputs.hidden_states.dims();
+    let label = format!("{model_name}/{case} {latent:?} u{u}×r{r} {processor}");
+    let batch = inputs.hidden_states.dim(0).unwrap();
+    let padded_len = meta.full.slices[0].padded_len;
+    let (ulysses_bytes, ring_bytes) = expected_bytes(model.as_ref(), batch, padded_len, u, r);
+    let layers = model.info().num_layers as u64;
+    let mut errors = Vec::new();
+    for (rank, res) in results.iter().enumerate() {
+        let err = rel_l2(&res.out, &serial).unwrap();
+        errors.push(err);
+        assert!(err <= 1e-5, "{label}: rank {rank} rel L2 {err:.3e} > 1e-5");
+        // Every rank gathers the same bits.
+        assert_eq!(max_abs_diff(&res.out, &results[0].out).unwrap(), 0.0);
+
+        let a2a = res
+            .ulysses
+            .get(&CommOp::AllToAll)
+            .copied()
+            .unwrap_or_default();
+        assert_eq!(
+            a2a.bytes_sent, ulysses_bytes,
+            "{label}: rank {rank} all_to_all"
+        );
+        assert_eq!(a2a.bytes_received, ulysses_bytes, "{label}: rank {rank}");
+        assert_eq!(a2a.calls, if u > 1 { 4 * layers } else { 0 }, "{label}");
+        let send = res.ring.get(&CommOp::Send).copied().unwrap_or_default();
+        let recv = res.ring.get(&CommOp::Recv).copied().unwrap_or_default();
+        assert_eq!(
+            send.bytes_sent, ring_bytes,
+            "{label}: rank {rank} ring sends"
+        );
+        assert_eq!(
+            recv.bytes_received, ring_bytes,
+            "{label}: rank {rank} ring recvs"
+        );
+        assert_eq!(send.calls, 2 * (r as u64 - 1) * layers, "{label}");
+        // Nothing else travels on these groups (the head gathers on the sp group).
+        let other = |stats: &BTreeMap<CommOp, CommCounts>, op| {
+            stats
+                .iter()
+                .filter(|(o, _)| **o != op && **o != CommOp::Recv)
+                .map(|(_, c)| c.bytes_sent)
+                .sum::<u64>()
+        };
+        assert_eq!(other(&res.ulysses, CommOp::AllToAll), 0, "{label}");
+        assert_eq!(other(&res.ring, CommOp::Send), 0, "{label}");
+    }
+    let worst = errors.iter().cloned().fold(0.0, f64::max);
+    println!(
+        "{label}: padded len {padded_len} (padding: {padded}), max rel L2 {worst:.3e}, per rank \
+         ulysses all_to_all {ulysses_bytes} B, ring send {ring_bytes} B"
+    );
+}
+
+/// One test per configuration: name: model, case, latent rows kept (None: all),
+/// (ulysses, ring), processor, whether the split pads.
+macro_rules! sp_parity {
+    ($($name:ident: $model:literal, $case:literal, $rows:expr, $degrees:expr, $proc:literal,
+       $pads:literal;)*) => {$(
+        #[test]
+        fn $name() {
+            check_sp_forward($model, $case, $rows, $degrees, $proc, $pads);
+        }
+    )*};
+}
+
+// Grids (token rows × cols): alpha/nonsquare_mask 4×6 (B 2, text mask, size conditioning,
+// 2 heads), alpha/square 4×4, sigma/batch_mask 4×4 (B 2, mask, 4 heads), sigma/nonsquare 6×4,
+// cropped to 10 latent rows 5×4.
+sp_parity! {
+    u2_alpha_masked_batch: "alpha", "nonsquare_mask", None, (2, 1), "ulysses", false;
+    u2_sigma_padded: "sigma", "nonsquare", Some(10), (2, 1), "ulysses", true;
+    u4_sigma_masked_batch: "sigma", "batch_mask", None, (4, 1), "ulysses", false;
+    u4_sigma_padded: "sigma", "nonsquare", None, (4, 1), "ulysses", true;
+    r2_sigma_masked_batch: "sigma", "batch_mask", None, (1, 2), "ring", false;
+    r2_sigma_padded: "sigma", "nonsquare", Some(10), (1, 2), "ring", true;
+    r4_alpha_square: "alpha", "square", None, (1, 4), "ring", false;
+    r4_sigma_padded: "sigma", "nonsquare", Some(10), (1, 4), "ring", true;
+    u2r2_sigma_masked_batch: "sigma", "batch_mask", None, (2, 2), "usp", false;
+    u2r2_sigma_padded: "sigma", "nonsquare", None, (2, 2), "usp", true;
+    u2r2_alpha_masked_batch: "alpha", "nonsquare_mask", None, (2, 2), "usp", false;
+    usp_processor_on_u2: "sigma", "nonsquare", Some(10), (2, 1), "usp", true;
+    usp_processor_on_r2: "sigma", "nonsquare", Some(10), (1, 2), "usp", true;
+}
+
+#[test]
+fn ulysses_degree_not_dividing_heads_fails_before_any_work() {
+    // alpha has 2 heads.
+    let model = load("alpha");
+    let io = case_inputs("alpha", "square", None);
+    let inputs = inputs(&io);
+    let meta = metadata(model.as_ref(), inputs.hidden_states, 4);
+    let options = LaunchOptions::default();
+    let err = launch_local(&mesh(4, 1), &options, |ctx| {
+        let sp = SpContext::from_rank(&ctx, meta.full.clone())?;
+        let fctx = ForwardContext::sequence_parallel("ulysses", sp)?;
+        model.forward(&inputs, &fctx)
+    })
+    .expect_err("ulysses 4 cannot split 2 heads")
+    .to_string();
+    assert!(
+        err.contains("--ulysses-degree 4 does not divide the 2 attention heads"),
+        "{err}"
+    );
+    assert!(
+        options.stats.snapshot().is_empty(),
+        "no communication may happen: {:?}",
+        options.stats.snapshot()
+    );
+}
+
+#[test]
+fn sp_context_without_parallel_processor_is_refused() {
+    let model = load("sigma");
+    let io = case_inputs("sigma", "batch_mask", None);
+    let inputs = inputs(&io);
+    let meta = metadata(model.as_ref(), inputs.hidden_states, 2);
+    let err = launch_local(&mesh(2, 1), &LaunchOptions::default(), |ctx| {
+        let fctx = ForwardContext {
+            attention: None,
+            sp: Some(SpContext::from_rank(&ctx, meta.full.clone())?),
+        };
+        model.forward(&inputs, &fctx)
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("parallel attention processor"), "{err}");
+}
+
+#[test]
+fn sp_split_of_another_shape_is_refused() {
+    let model = load("sigma");
+    let io = case_inputs("sigma", "nonsquare", None);
+    let inputs = inputs(&io);
+    // nonsquare is 12×8: a split computed for a 12×12 latent does not fit.
+    let other = Tensor::zeros(
+        (1, 4, 12, 12),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let meta = metadata(model.as_ref(), &other, 2);
+    let err = launch_local(&mesh(2, 1), &LaunchOptions::default(), |ctx| {
+        let sp = SpContext::from_rank(&ctx, meta.full.clone())?;
+        model.forward(&inputs, &ForwardContext::sequence_parallel("ulysses", sp)?)
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("compute the runtime state"), "{err}");
+}
+
+#[test]
+fn attention_processors_are_registered() {
+    assert!(registry::registered(Kind::Transformer).contains(&CLASS_NAME));
+    assert_eq!(
+        registry::registered(Kind::AttentionProcessor),
+        vec!["ring", "serial", "ulysses", "usp"]
+    );
+    let err = registry::attention_processor_entry("flash")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("ring, serial, ulysses, usp"), "{err}");
+}
