@@ -5,8 +5,12 @@ pub mod binning;
 pub mod denoise;
 pub mod hub;
 pub mod image;
+pub mod pipeline_pixart_alpha;
+pub mod pipeline_pixart_sigma;
 pub mod pipeline_utils;
 pub mod text;
 pub mod vae;
 
+pub use pipeline_pixart_alpha::{xFuserPixArtAlphaPipeline, PixArtPipeline};
+pub use pipeline_pixart_sigma::xFuserPixArtSigmaPipeline;
 pub use pipeline_utils::xFuserPipeline;
