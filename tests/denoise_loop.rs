@@ -45,7 +45,9 @@ fn run_loop(name: &str) -> (Tensor, Tensor) {
     let text = |prefix: &str| {
         Some(TextConditioning {
             embeds: golden.get(&format!("{prefix}prompt_embeds"))?.clone(),
-            mask: golden.get(&format!("{prefix}prompt_attention_mask"))?.clone(),
+            mask: golden
+                .get(&format!("{prefix}prompt_attention_mask"))?
+                .clone(),
         })
     };
     let guidance = Guidance {
