@@ -70,7 +70,11 @@ fn run_loop(name: &str) -> (Tensor, Tensor) {
         &guidance,
         &ForwardContext::default(),
         None,
-        &mut |_, _| steps += 1,
+        None,
+        &mut |_, _| {
+            steps += 1;
+            Ok(())
+        },
     )
     .expect("denoise");
     assert_eq!(steps, case.num_inference_steps);

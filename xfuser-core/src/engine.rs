@@ -63,8 +63,10 @@ impl ParallelConfig {
         self.world_size() == 1
     }
 
-    /// Degrees must be at least 1; every parallel method beyond serial is refused until the
-    /// distributed runtime exists, rather than silently running serially.
+    /// Degrees must be at least 1, and the methods not built yet (PipeFusion, tensor
+    /// parallel) are refused rather than silently run serially. Checks that need the model
+    /// (heads divisible by the Ulysses degree, CFG parallel needing guidance) come later,
+    /// from [`crate::distributed::RankMesh::validate_for_model`], still before any work.
     pub fn validate(&self) -> Result<()> {
         let degrees = [
             ("--data-parallel-degree", self.data_parallel_degree),
@@ -79,14 +81,40 @@ impl ParallelConfig {
         if let Some((flag, _)) = degrees.iter().find(|(_, d)| *d == 0) {
             return Err(Error::invalid(format!("{flag} must be at least 1")));
         }
-        if !self.is_serial() {
-            return Err(Error::Unsupported(format!(
-                "parallel execution (world size {}) is not available in this build yet: only \
-                 the serial engine exists; run with all degrees 1 and without --use-cfg-parallel",
-                self.world_size()
-            )));
+        if self.pipefusion_parallel_degree > 1 {
+            return Err(Error::Unsupported(
+                "--pipefusion-parallel-degree > 1: PipeFusion is not built yet; use data, CFG, \
+                 Ulysses or Ring parallelism"
+                    .into(),
+            ));
+        }
+        if self.tensor_parallel_degree > 1 {
+            return Err(Error::Unsupported(
+                "--tensor-parallel-degree > 1: tensor parallelism is not built yet; use data, \
+                 CFG, Ulysses or Ring parallelism"
+                    .into(),
+            ));
         }
         Ok(())
+    }
+}
+
+/// How the ranks of a parallel run behave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// How long a rank waits in a collective for its peers before failing the run.
+    pub comm_timeout: std::time::Duration,
+    /// For testing failure handling: rank `.0` fails with an error when it reaches denoising
+    /// step `.1` (1-based). Every other rank must then return an error, never hang.
+    pub inject_failure: Option<(usize, usize)>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            comm_timeout: std::time::Duration::from_secs(300),
+            inject_failure: None,
+        }
     }
 }
 
@@ -94,6 +122,7 @@ impl ParallelConfig {
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub model: ModelConfig,
+    pub runtime: RuntimeConfig,
     pub parallel: ParallelConfig,
 }
 
@@ -106,6 +135,7 @@ impl EngineConfig {
                 dtype: DType::F32,
                 device: Device::Cpu,
             },
+            runtime: RuntimeConfig::default(),
             parallel: ParallelConfig::default(),
         }
     }
@@ -210,6 +240,8 @@ pub struct PipelineOutput {
     /// (B, C, H/8, W/8)
     pub latents: Tensor,
     pub images: Vec<RgbImage>,
+    /// What the ranks sent to each other, per group and op (parallel runs only).
+    pub comm_stats: Option<crate::distributed::CommStats>,
 }
 
 #[cfg(test)]

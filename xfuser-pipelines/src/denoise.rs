@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Tensor};
 use xfuser_core::backbone::{Backbone, BackboneInputs, ForwardContext};
+use xfuser_core::distributed::ProcessGroup;
 use xfuser_core::random::Generator;
 use xfuser_core::scheduler::Scheduler;
 use xfuser_core::{Error, Result};
@@ -32,18 +33,43 @@ impl Guidance {
     pub fn uses_cfg(&self) -> bool {
         self.negative.is_some()
     }
+
+    /// The conditioning of batch rows `start..start + len` (a data-parallel group's share).
+    pub fn narrow_batch(&self, start: usize, len: usize) -> Result<Self> {
+        let narrow = |t: &Tensor| t.narrow(0, start, len);
+        let side = |c: &TextConditioning| -> Result<TextConditioning> {
+            Ok(TextConditioning {
+                embeds: narrow(&c.embeds)?,
+                mask: narrow(&c.mask)?,
+            })
+        };
+        Ok(Self {
+            positive: side(&self.positive)?,
+            negative: self.negative.as_ref().map(side).transpose()?,
+            guidance_scale: self.guidance_scale,
+            resolution: self.resolution.as_ref().map(narrow).transpose()?,
+            aspect_ratio: self.aspect_ratio.as_ref().map(narrow).transpose()?,
+        })
+    }
 }
 
 /// Runs every step of `scheduler`'s schedule from `latents` (already scaled by
-/// `init_noise_sigma`) and returns the final latents. `on_step(i, n)` is called after each step.
+/// `init_noise_sigma`) and returns the final latents. `on_step(i, n)` is called after each step;
+/// an error it returns stops the loop and is returned.
+///
+/// With `cfg_group` (CFG parallel, two ranks), member 0 runs the backbone on the negative
+/// (unconditional) half only and member 1 on the positive half; the two noise predictions are
+/// all-gathered in that order, so both ranks apply the same guidance and take the same step.
+#[allow(clippy::too_many_arguments)]
 pub fn denoise(
     backbone: &dyn Backbone,
     scheduler: &dyn Scheduler,
     latents: Tensor,
     guidance: &Guidance,
     ctx: &ForwardContext,
+    cfg_group: Option<&ProcessGroup>,
     mut generator: Option<&mut Generator>,
-    on_step: &mut dyn FnMut(usize, usize),
+    on_step: &mut dyn FnMut(usize, usize) -> Result<()>,
 ) -> Result<Tensor> {
     let timesteps = scheduler.timesteps().to_vec();
     if timesteps.is_empty() {
@@ -51,21 +77,37 @@ pub fn denoise(
             "the scheduler has no timesteps: call set_timesteps with at least one step",
         ));
     }
-    let (embeds, mask) = batched_text(guidance)?;
+    let cfg_group = cfg_group.filter(|g| g.size() > 1);
+    if let Some(group) = cfg_group {
+        if group.size() != 2 || !guidance.uses_cfg() {
+            return Err(Error::invalid(format!(
+                "CFG parallel needs classifier-free guidance (guidance_scale > 1) and a cfg \
+                 group of 2 ranks; got {} ranks on {}",
+                group.size(),
+                group.name()
+            )));
+        }
+    }
+    // Serial CFG doubles the batch; CFG parallel runs one half on each cfg rank.
+    let doubled = guidance.uses_cfg() && cfg_group.is_none();
+    let (embeds, mask) = match cfg_group {
+        Some(group) => own_cfg_half(guidance, group.index())?,
+        None => batched_text(guidance)?,
+    };
     let latent_channels = latents.dim(1)?;
     let batch = latents.dim(0)?;
     let mut state = scheduler.new_state();
     let mut latents = latents;
+    let resolution = cfg_repeat(guidance.resolution.as_ref(), doubled)?;
+    let aspect_ratio = cfg_repeat(guidance.aspect_ratio.as_ref(), doubled)?;
     for (i, &t) in timesteps.iter().enumerate() {
-        let model_input = if guidance.uses_cfg() {
+        let model_input = if doubled {
             Tensor::cat(&[&latents, &latents], 0)?
         } else {
             latents.clone()
         };
         let model_input = scheduler.scale_model_input(&state, &model_input)?;
         let timestep = Tensor::full(t as f32, model_input.dim(0)?, latents.device())?;
-        let resolution = cfg_repeat(guidance.resolution.as_ref(), guidance.uses_cfg())?;
-        let aspect_ratio = cfg_repeat(guidance.aspect_ratio.as_ref(), guidance.uses_cfg())?;
         let inputs = BackboneInputs {
             hidden_states: &model_input,
             encoder_hidden_states: &embeds,
@@ -75,10 +117,15 @@ pub fn denoise(
             aspect_ratio: aspect_ratio.as_ref(),
         };
         let prediction = backbone.forward(&inputs, ctx)?;
+        let prediction = match cfg_group {
+            // (B, ...) on each rank -> (2B, ...): negative half, then positive.
+            Some(group) => group.all_gather(&prediction, 0)?,
+            None => prediction,
+        };
         let noise = apply_guidance(&prediction, guidance, batch)?;
         let noise = drop_learned_sigma(&noise, latent_channels)?;
         latents = scheduler.step(&mut state, &noise, &latents, generator.as_deref_mut())?;
-        on_step(i + 1, timesteps.len());
+        on_step(i + 1, timesteps.len())?;
     }
     Ok(latents)
 }
@@ -94,6 +141,20 @@ fn batched_text(guidance: &Guidance) -> Result<(Tensor, Tensor)> {
             Tensor::cat(&[&neg.mask.to_dtype(DType::F32)?, &mask], 0)?,
         )),
     }
+}
+
+/// The text conditioning of CFG-parallel member `index`: 0 the negative side, 1 the positive.
+fn own_cfg_half(guidance: &Guidance, index: usize) -> Result<(Tensor, Tensor)> {
+    let side = match (index, &guidance.negative) {
+        (0, Some(negative)) => negative,
+        (1, Some(_)) => &guidance.positive,
+        _ => {
+            return Err(Error::invalid(format!(
+                "CFG parallel: rank index {index} in the cfg group has no text side"
+            )))
+        }
+    };
+    Ok((side.embeds.clone(), side.mask.to_dtype(DType::F32)?))
 }
 
 fn cfg_repeat(t: Option<&Tensor>, cfg: bool) -> Result<Option<Tensor>> {

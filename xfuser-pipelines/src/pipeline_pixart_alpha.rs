@@ -9,8 +9,13 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use xfuser_core::backbone::{Backbone, ForwardContext};
-use xfuser_core::engine::{EngineConfig, InputConfig, OutputType, PipelineOutput};
+use xfuser_core::backbone::{Backbone, ForwardContext, SpContext};
+use xfuser_core::distributed::{
+    launch_local, Axis, LaunchOptions, RankContext, RankMesh, RuntimeState,
+};
+use xfuser_core::engine::{
+    EngineConfig, InputConfig, OutputType, ParallelConfig, PipelineOutput, RuntimeConfig,
+};
 use xfuser_core::pipeline::DiffusionPipeline;
 use xfuser_core::random::Generator;
 use xfuser_core::registry::{load_scheduler, load_transformer, LoadOptions, PipelineEntry};
@@ -51,6 +56,28 @@ pub struct PixArtPipeline {
     scheduler_file: PathBuf,
     vae: AutoencoderKL,
     device: Device,
+    parallel: ParallelConfig,
+    runtime: RuntimeConfig,
+}
+
+/// What one generation request resolves to before any rank starts.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    /// The size generated at (after binning) and the size asked for.
+    height: usize,
+    width: usize,
+    requested_height: usize,
+    requested_width: usize,
+    max_sequence_length: usize,
+    /// Images in the whole request: prompts × num_images_per_prompt.
+    batch: usize,
+}
+
+/// A rank's share of the request's batch: rows `start..start + len`.
+#[derive(Debug, Clone, Copy)]
+struct BatchSlice {
+    start: usize,
+    len: usize,
 }
 
 /// The PixArt-α pipeline, named as xDiT's.
@@ -64,7 +91,13 @@ impl PixArtPipeline {
         engine.parallel.validate()?;
         let index = dir.join("model_index.json");
         let components = xfuser_core::config::read_json_value(&index)?;
-        for name in ["tokenizer", "text_encoder", "transformer", "scheduler", "vae"] {
+        for name in [
+            "tokenizer",
+            "text_encoder",
+            "transformer",
+            "scheduler",
+            "vae",
+        ] {
             if components.get(name).is_none() {
                 return Err(Error::Config {
                     file: index.clone(),
@@ -89,6 +122,8 @@ impl PixArtPipeline {
             scheduler_file,
             vae: AutoencoderKL::load(&dir.join("vae"), dtype, &device)?,
             device,
+            parallel: engine.parallel.clone(),
+            runtime: engine.runtime.clone(),
         })
     }
 
@@ -194,10 +229,10 @@ impl PixArtPipeline {
         if !self.spec.micro_conditioning || self.transformer.info().sample_size != 128 {
             return Ok((None, None));
         }
-        let resolution = Tensor::new(&[[height as f32, width as f32]], &self.device)?
+        let resolution =
+            Tensor::new(&[[height as f32, width as f32]], &self.device)?.repeat((batch, 1))?;
+        let aspect = Tensor::new(&[[(height as f64 / width as f64) as f32]], &self.device)?
             .repeat((batch, 1))?;
-        let aspect =
-            Tensor::new(&[[(height as f64 / width as f64) as f32]], &self.device)?.repeat((batch, 1))?;
         Ok((Some(resolution), Some(aspect)))
     }
 }
@@ -205,6 +240,243 @@ impl PixArtPipeline {
 /// `_text_preprocessing` with `clean_caption=False`: lowercase, strip surrounding whitespace.
 fn preprocess_text(text: &str) -> String {
     text.to_lowercase().trim().to_string()
+}
+
+impl PixArtPipeline {
+    /// Validates the request against the model and the parallel configuration and fixes its
+    /// sizes, before any work.
+    fn plan(&self, input: &InputConfig) -> Result<Plan> {
+        input.validate(self.vae_scale_factor())?;
+        let ((height, width), (requested_height, requested_width)) = self.generation_size(input)?;
+        let max_sequence_length = input
+            .max_sequence_length
+            .unwrap_or(self.spec.default_max_sequence_length);
+        if max_sequence_length == 0 {
+            return Err(Error::invalid("--max-sequence-length must be at least 1"));
+        }
+        let batch = input.prompts.len() * input.num_images_per_prompt;
+        if !self.parallel.is_serial() {
+            let info = self.transformer.info();
+            let mesh = RankMesh::new(&self.parallel)?;
+            mesh.validate_for_model(
+                info.num_attention_heads,
+                info.num_layers,
+                input.guidance_scale,
+            )?;
+            let dp = self.parallel.data_parallel_degree;
+            if batch < dp {
+                return Err(Error::invalid(format!(
+                    "--data-parallel-degree {dp} needs at least {dp} images, but the request \
+                     makes {batch} (prompts × --num-images-per-prompt)"
+                )));
+            }
+        }
+        Ok(Plan {
+            height,
+            width,
+            requested_height,
+            requested_width,
+            max_sequence_length,
+            batch,
+        })
+    }
+
+    /// The rows of the batch data-parallel group `index` of `degree` works on: contiguous,
+    /// the first `batch % degree` groups one row more.
+    fn dp_slice(batch: usize, index: usize, degree: usize) -> BatchSlice {
+        let (per, extra) = (batch / degree, batch % degree);
+        BatchSlice {
+            start: index * per + index.min(extra),
+            len: per + usize::from(index < extra),
+        }
+    }
+
+    /// Everything one rank does for a request (`rank` is None in a serial run): encode the
+    /// text and draw the noise of the whole request (so every data-parallel slice sees
+    /// exactly the serial inputs), denoise its slice, and, on the rank that leads its
+    /// data-parallel group, decode. Returns the group's output on that rank only.
+    fn run_rank(
+        &self,
+        plan: &Plan,
+        input: &InputConfig,
+        rank: Option<&RankContext>,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Option<(usize, PipelineOutput)>> {
+        let info = self.transformer.info().clone();
+        let scale = self.vae_scale_factor();
+        let n = input.num_images_per_prompt;
+        let positive = self.encode_prompt(&input.prompts, n, plan.max_sequence_length)?;
+        let negative = if input.uses_cfg() {
+            let negatives = vec![input.negative_prompt.clone(); input.prompts.len()];
+            Some(self.encode_prompt(&negatives, n, plan.max_sequence_length)?)
+        } else {
+            None
+        };
+
+        let mut scheduler = load_scheduler(&self.scheduler_file)?;
+        scheduler.set_timesteps(input.num_inference_steps)?;
+        let mut generator = Generator::manual_seed(input.seed);
+        let shape = (
+            plan.batch,
+            info.in_channels,
+            plan.height / scale,
+            plan.width / scale,
+        );
+        let latents = self.initial_latents(input, shape, &mut generator)?;
+        let latents = (latents * scheduler.init_noise_sigma())?;
+        let (resolution, aspect_ratio) =
+            self.micro_conditions(plan.batch, plan.height, plan.width)?;
+        let guidance = Guidance {
+            positive,
+            negative,
+            guidance_scale: input.guidance_scale,
+            resolution,
+            aspect_ratio,
+        };
+
+        let coords = rank.map(RankContext::coords);
+        let (dp_index, slice) = match coords {
+            Some(c) => (
+                c.dp,
+                Self::dp_slice(plan.batch, c.dp, self.parallel.data_parallel_degree),
+            ),
+            None => (
+                0,
+                BatchSlice {
+                    start: 0,
+                    len: plan.batch,
+                },
+            ),
+        };
+        let (latents, guidance) = if slice.len == plan.batch {
+            (latents, guidance)
+        } else {
+            (
+                latents.narrow(0, slice.start, slice.len)?,
+                guidance.narrow_batch(slice.start, slice.len)?,
+            )
+        };
+        let ctx = match rank {
+            Some(rank) => self.forward_context(rank, plan, slice.len, input)?,
+            None => ForwardContext::default(),
+        };
+        let cfg_group = rank.map(RankContext::cfg_group).filter(|g| g.size() > 1);
+        let failure = self.runtime.inject_failure;
+        let this_rank = rank.map_or(0, RankContext::rank);
+        let mut report = |i: usize, total: usize| -> Result<()> {
+            on_step(i, total);
+            if failure == Some((this_rank, i)) {
+                return Err(Error::invalid(format!(
+                    "injected failure on rank {this_rank} after step {i} (RuntimeConfig::inject_failure)"
+                )));
+            }
+            Ok(())
+        };
+        let latents = denoise(
+            self.transformer.as_ref(),
+            scheduler.as_ref(),
+            latents,
+            &guidance,
+            &ctx,
+            cfg_group,
+            Some(&mut generator),
+            &mut report,
+        )?;
+
+        let leads_group = coords.is_none_or(|c| c.cfg == 0 && c.sp == 0 && c.pp == 0 && c.tp == 0);
+        if !leads_group {
+            return Ok(None);
+        }
+        let images = match input.output_type {
+            OutputType::Latent => Vec::new(),
+            OutputType::Pil => self.decode(plan, &latents)?,
+        };
+        Ok(Some((
+            dp_index,
+            PipelineOutput {
+                latents,
+                images,
+                comm_stats: None,
+            },
+        )))
+    }
+
+    /// The sequence-parallel forward context of `rank` for this request's shape, or the
+    /// serial one when the sp degree is 1.
+    fn forward_context(
+        &self,
+        rank: &RankContext,
+        plan: &Plan,
+        batch: usize,
+        input: &InputConfig,
+    ) -> Result<ForwardContext> {
+        if rank.mesh().degree(Axis::Sp) == 1 {
+            return Ok(ForwardContext::default());
+        }
+        let mut state = RuntimeState::new(rank.mesh(), self.transformer.info().patch_size, None);
+        let metadata = state.set_input_parameters(
+            plan.height,
+            plan.width,
+            batch,
+            input.num_inference_steps,
+        )?;
+        let sp = SpContext::from_rank(rank, metadata.full.clone())?;
+        let method = sp.method_name();
+        ForwardContext::sequence_parallel(method, sp)
+    }
+
+    /// VAE decode, resize-and-crop back to the requested size after binning, to 8-bit RGB.
+    fn decode(&self, plan: &Plan, latents: &Tensor) -> Result<Vec<xfuser_core::engine::RgbImage>> {
+        let mut images = self.vae.decode_latents(latents)?;
+        if (plan.height, plan.width) != (plan.requested_height, plan.requested_width) {
+            images = resize_and_crop_tensor(&images, plan.requested_width, plan.requested_height)?;
+        }
+        u8_to_rgb(&postprocess_u8(&images)?)
+    }
+
+    /// Runs every rank of the parallel configuration as a thread, forwards rank 0's progress
+    /// to `on_step`, and joins the data-parallel groups' outputs in order.
+    fn generate_parallel(
+        &self,
+        plan: &Plan,
+        input: &InputConfig,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<PipelineOutput> {
+        let mesh = RankMesh::new(&self.parallel)?;
+        let options = LaunchOptions::with_timeout(self.runtime.comm_timeout);
+        let stats = options.stats.clone();
+        let (progress, steps) = std::sync::mpsc::channel::<(usize, usize)>();
+        let outcome = std::thread::scope(|scope| {
+            let runner = scope.spawn(move || {
+                launch_local(&mesh, &options, |rank| {
+                    let progress = progress.clone();
+                    let mut report = |i, n| {
+                        if rank.rank() == 0 {
+                            // The receiver outlives the run; a send cannot fail before then.
+                            let _ = progress.send((i, n));
+                        }
+                    };
+                    self.run_rank(plan, input, Some(&rank), &mut report)
+                })
+            });
+            // Ends when the runner drops the last sender, i.e. when every rank is done.
+            for (i, n) in steps {
+                on_step(i, n);
+            }
+            runner.join()
+        });
+        let ranks = outcome
+            .map_err(|_| Error::invalid("the parallel run's launcher thread panicked"))??;
+        let mut groups: Vec<(usize, PipelineOutput)> = ranks.into_iter().flatten().collect();
+        groups.sort_by_key(|(dp, _)| *dp);
+        let latents: Vec<Tensor> = groups.iter().map(|(_, o)| o.latents.clone()).collect();
+        let images = groups.into_iter().flat_map(|(_, o)| o.images).collect();
+        Ok(PipelineOutput {
+            latents: Tensor::cat(&latents, 0)?,
+            images,
+            comm_stats: Some(stats),
+        })
+    }
 }
 
 impl DiffusionPipeline for PixArtPipeline {
@@ -217,64 +489,14 @@ impl DiffusionPipeline for PixArtPipeline {
         input: &InputConfig,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<PipelineOutput> {
-        let scale = self.vae_scale_factor();
-        input.validate(scale)?;
-        let info = self.transformer.info().clone();
-        let ((height, width), (requested_height, requested_width)) =
-            self.generation_size(input)?;
-        let max_len = input
-            .max_sequence_length
-            .unwrap_or(self.spec.default_max_sequence_length);
-        if max_len == 0 {
-            return Err(Error::invalid("--max-sequence-length must be at least 1"));
+        let plan = self.plan(input)?;
+        if self.parallel.is_serial() {
+            return match self.run_rank(&plan, input, None, on_step)? {
+                Some((_, output)) => Ok(output),
+                None => Err(Error::invalid("the serial run produced no output")),
+            };
         }
-        let n = input.num_images_per_prompt;
-        let batch = input.prompts.len() * n;
-
-        let positive = self.encode_prompt(&input.prompts, n, max_len)?;
-        let negative = if input.uses_cfg() {
-            let negatives = vec![input.negative_prompt.clone(); input.prompts.len()];
-            Some(self.encode_prompt(&negatives, n, max_len)?)
-        } else {
-            None
-        };
-
-        let mut scheduler = load_scheduler(&self.scheduler_file)?;
-        scheduler.set_timesteps(input.num_inference_steps)?;
-        let mut generator = Generator::manual_seed(input.seed);
-        let shape = (batch, info.in_channels, height / scale, width / scale);
-        let latents = self.initial_latents(input, shape, &mut generator)?;
-        let latents = (latents * scheduler.init_noise_sigma())?;
-
-        let (resolution, aspect_ratio) = self.micro_conditions(batch, height, width)?;
-        let guidance = Guidance {
-            positive,
-            negative,
-            guidance_scale: input.guidance_scale,
-            resolution,
-            aspect_ratio,
-        };
-        let latents = denoise(
-            self.transformer.as_ref(),
-            scheduler.as_ref(),
-            latents,
-            &guidance,
-            &ForwardContext::default(),
-            Some(&mut generator),
-            on_step,
-        )?;
-        if input.output_type == OutputType::Latent {
-            return Ok(PipelineOutput {
-                latents,
-                images: Vec::new(),
-            });
-        }
-        let mut images = self.vae.decode_latents(&latents)?;
-        if (height, width) != (requested_height, requested_width) {
-            images = resize_and_crop_tensor(&images, requested_width, requested_height)?;
-        }
-        let images = u8_to_rgb(&postprocess_u8(&images)?)?;
-        Ok(PipelineOutput { latents, images })
+        self.generate_parallel(&plan, input, on_step)
     }
 }
 

@@ -1,0 +1,311 @@
+//! `xfuser`: generate images with a diffusion transformer, serially or (later) on many ranks.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use xfuser::bundled::{bundled_model_dir, BUNDLED_MODEL_NAME};
+use xfuser::core::engine::{EngineConfig, InputConfig, OutputType, ParallelConfig, PipelineOutput};
+use xfuser::core::registry::{attention_processor_entry, registered, Kind};
+use xfuser::pipelines::xFuserPipeline;
+
+#[derive(Parser)]
+#[command(
+    name = "xfuser",
+    version,
+    about = "Parallel inference for diffusion transformers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+// Parsed once per process: the size of the larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images (or latents) from prompts.
+    Generate(GenerateArgs),
+    /// List the registered pipelines, transformers and schedulers.
+    List,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputKind {
+    Pil,
+    Latent,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+// Flag names follow xDiT's (with dashes; its underscore spellings are accepted as aliases).
+#[derive(Args)]
+struct GenerateArgs {
+    /// A diffusers pipeline folder or a Hugging Face Hub id; default: the bundled tiny model.
+    #[arg(long)]
+    model: Option<String>,
+    /// A prompt; repeat the flag (or give several values) for several images.
+    #[arg(long, num_args = 1..)]
+    prompt: Vec<String>,
+    #[arg(long, alias = "negative_prompt", default_value = "")]
+    negative_prompt: String,
+    /// Image height in pixels; default: the model's.
+    #[arg(long)]
+    height: Option<usize>,
+    /// Image width in pixels; default: the model's.
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long, alias = "num_inference_steps", default_value_t = 20)]
+    num_inference_steps: usize,
+    #[arg(long, alias = "guidance_scale", default_value_t = 4.5)]
+    guidance_scale: f64,
+    #[arg(long, alias = "num_images_per_prompt", default_value_t = 1)]
+    num_images_per_prompt: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long, alias = "output_type", value_enum, default_value = "pil")]
+    output_type: OutputKind,
+    #[arg(long, alias = "output_dir", default_value = "results")]
+    output_dir: PathBuf,
+    /// Generate at the requested size instead of the nearest trained aspect-ratio bin.
+    #[arg(long, alias = "no_use_resolution_binning")]
+    no_use_resolution_binning: bool,
+    /// Text tokens kept per prompt; default: 120 (PixArt-α) or 300 (PixArt-Σ).
+    #[arg(long, alias = "max_sequence_length")]
+    max_sequence_length: Option<usize>,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+    /// After a parallel run, print the bytes each process group moved, per op.
+    #[arg(long, alias = "report_comm")]
+    report_comm: bool,
+    #[arg(long, alias = "data_parallel_degree", default_value_t = 1)]
+    data_parallel_degree: usize,
+    #[arg(long, alias = "use_cfg_parallel")]
+    use_cfg_parallel: bool,
+    #[arg(long, alias = "ulysses_degree", default_value_t = 1)]
+    ulysses_degree: usize,
+    #[arg(long, alias = "ring_degree", default_value_t = 1)]
+    ring_degree: usize,
+    #[arg(long, alias = "pipefusion_parallel_degree", default_value_t = 1)]
+    pipefusion_parallel_degree: usize,
+    #[arg(long, alias = "tensor_parallel_degree", default_value_t = 1)]
+    tensor_parallel_degree: usize,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::List => {
+            list();
+            Ok(())
+        }
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn list() {
+    for kind in [
+        Kind::Pipeline,
+        Kind::Transformer,
+        Kind::Scheduler,
+        Kind::AttentionProcessor,
+    ] {
+        println!("{}s:", kind.as_str());
+        for name in registered(kind) {
+            match attention_processor_entry(name) {
+                Ok(entry) if kind == Kind::AttentionProcessor => {
+                    println!("  {name}: {}", entry.description)
+                }
+                _ => println!("  {name}"),
+            }
+        }
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let parallel = ParallelConfig {
+        data_parallel_degree: args.data_parallel_degree,
+        use_cfg_parallel: args.use_cfg_parallel,
+        pipefusion_parallel_degree: args.pipefusion_parallel_degree,
+        ulysses_degree: args.ulysses_degree,
+        ring_degree: args.ring_degree,
+        tensor_parallel_degree: args.tensor_parallel_degree,
+    };
+    let input = InputConfig {
+        prompts: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        height: args.height,
+        width: args.width,
+        num_inference_steps: args.num_inference_steps,
+        guidance_scale: args.guidance_scale,
+        num_images_per_prompt: args.num_images_per_prompt,
+        seed: args.seed,
+        output_type: match args.output_type {
+            OutputKind::Pil => OutputType::Pil,
+            OutputKind::Latent => OutputType::Latent,
+        },
+        max_sequence_length: args.max_sequence_length,
+        use_resolution_binning: !args.no_use_resolution_binning,
+        latents: None,
+    };
+    // Everything that can be refused is refused before the model is loaded.
+    input.validate(8)?;
+    parallel.validate()?;
+    let dtype = match args.dtype {
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::F16 | DTypeArg::Bf16 => bail!(
+            "--dtype f16/bf16 needs a GPU build (the `cuda` feature); on the CPU use --dtype f32"
+        ),
+    };
+    prepare_output_dir(&args.output_dir)?;
+
+    let (model, model_name) = match &args.model {
+        Some(m) => (m.clone(), model_display_name(m)),
+        None => (
+            bundled_model_dir()?.to_string_lossy().into_owned(),
+            BUNDLED_MODEL_NAME.to_string(),
+        ),
+    };
+    let mut engine = EngineConfig::new(model);
+    engine.model.dtype = dtype;
+    engine.parallel = parallel.clone();
+    let pipeline = xFuserPipeline::from_pretrained(&engine)?;
+
+    let bar = progress_bar(args.num_inference_steps, args.quiet);
+    let output = pipeline.generate(&input, &mut |i, _| bar.set_position(i as u64))?;
+    bar.finish_and_clear();
+
+    let stem = format!(
+        "{model_name}_result_dp{}_cfg{}_ulysses{}_ring{}_pp{}_patch{}",
+        parallel.data_parallel_degree,
+        parallel.cfg_degree(),
+        parallel.ulysses_degree,
+        parallel.ring_degree,
+        parallel.pipefusion_parallel_degree,
+        parallel.pipefusion_parallel_degree,
+    );
+    let written = write_outputs(&output, input.output_type, &args.output_dir, &stem)?;
+    for path in written {
+        println!("{}", path.display());
+    }
+    if args.report_comm {
+        report_comm(&output);
+    }
+    Ok(())
+}
+
+/// Sums each (group, op)'s counters over its ranks and prints one line for each, to stderr.
+fn report_comm(output: &PipelineOutput) {
+    let Some(stats) = &output.comm_stats else {
+        eprintln!("communication: none (serial run)");
+        return;
+    };
+    let mut totals: std::collections::BTreeMap<(String, String), (u64, u64)> =
+        std::collections::BTreeMap::new();
+    for (key, counts) in stats.snapshot() {
+        let entry = totals
+            .entry((key.group.clone(), key.op.to_string()))
+            .or_default();
+        entry.0 += counts.calls;
+        entry.1 += counts.bytes_sent;
+    }
+    eprintln!("communication (summed over the group's ranks):");
+    if totals.is_empty() {
+        eprintln!("  none");
+    }
+    for ((group, op), (calls, bytes)) in totals {
+        eprintln!("  {group:<24} {op:<16} {calls:>8} calls {bytes:>14} bytes sent");
+    }
+}
+
+/// The last component of a folder path or Hub id, for output file names.
+fn model_display_name(model: &str) -> String {
+    let trimmed = model.trim_end_matches('/');
+    trimmed
+        .rsplit('/')
+        .next()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("model")
+        .to_string()
+}
+
+/// Creates the output folder and proves it writable before any work is done.
+fn prepare_output_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create output directory {}", dir.display()))?;
+    let probe = dir.join(format!(".xfuser-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("output directory {} is not writable", dir.display()))?;
+    std::fs::remove_file(&probe).with_context(|| format!("cannot clean up {}", probe.display()))?;
+    Ok(())
+}
+
+fn progress_bar(steps: usize, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} steps [{elapsed}<{eta}]")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn write_outputs(
+    output: &PipelineOutput,
+    output_type: OutputType,
+    dir: &Path,
+    stem: &str,
+) -> Result<Vec<PathBuf>> {
+    match output_type {
+        OutputType::Latent => {
+            let path = dir.join(format!("{stem}_latents.safetensors"));
+            let tmp = dir.join(format!(
+                ".{stem}_latents.safetensors.tmp-{}",
+                std::process::id()
+            ));
+            let tensors =
+                std::collections::HashMap::from([("latents".to_string(), output.latents.clone())]);
+            let saved = candle_core::safetensors::save(&tensors, &tmp)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| std::fs::rename(&tmp, &path).map_err(anyhow::Error::from));
+            if let Err(e) = saved {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e.context(format!("writing {}", path.display())));
+            }
+            Ok(vec![path])
+        }
+        OutputType::Pil => {
+            let mut written = Vec::new();
+            for (i, image) in output.images.iter().enumerate() {
+                let path = dir.join(format!("{stem}_{i}.png"));
+                xfuser::pipelines::image::save_rgb_png(image, &path)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                written.push(path);
+            }
+            Ok(written)
+        }
+    }
+}
