@@ -1,4 +1,7 @@
-//! xfuser: parallel inference for diffusion transformers. This crate re-exports the workspace.
+//! xfuser: parallel inference for diffusion transformers. This crate re-exports the workspace
+//! and carries the `xfuser` command-line tool with its bundled tiny model.
+
+pub mod bundled;
 
 pub use xfuser_core as core;
 pub use xfuser_layers as layers;

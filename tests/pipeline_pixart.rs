@@ -87,7 +87,11 @@ fn check_pipeline(name: &str) {
         .unwrap();
     let worst = max_abs_diff(&ours, reference).unwrap();
     println!("{name}: image max abs diff = {:.2}/255", worst * 255.0);
-    assert!(worst <= 2.0 / 255.0, "{name}: image differs by {:.2}/255", worst * 255.0);
+    assert!(
+        worst <= 2.0 / 255.0,
+        "{name}: image differs by {:.2}/255",
+        worst * 255.0
+    );
 }
 
 /// The text side alone: encode_prompt against diffusers' prompt embeddings and masks.
