@@ -30,13 +30,18 @@ pub fn scaled_dot_product_attention(
     scale: f64,
 ) -> Result<Tensor> {
     let dtype = q.dtype();
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    let scores = scores.to_dtype(DType::F32)?;
-    let scores = match bias {
-        Some(b) => scores.broadcast_add(&b.to_dtype(DType::F32)?)?,
-        None => scores,
+    let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    let probs = if dtype == DType::F32 {
+        // scale, bias and softmax in one pass
+        crate::kernels::scaled_masked_softmax(&scores, scale, bias)?
+    } else {
+        let scores = (scores * scale)?.to_dtype(DType::F32)?;
+        let scores = match bias {
+            Some(b) => scores.broadcast_add(&b.to_dtype(DType::F32)?)?,
+            None => scores,
+        };
+        candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
     Ok(probs.matmul(&v.contiguous()?)?)
 }
 

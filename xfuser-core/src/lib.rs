@@ -8,6 +8,7 @@ pub mod config;
 pub mod distributed;
 pub mod engine;
 pub mod error;
+pub mod kernels;
 pub mod pipeline;
 pub mod random;
 pub mod registry;

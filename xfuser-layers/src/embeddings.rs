@@ -7,8 +7,9 @@
 
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor, TensorId, D};
 use candle_nn::{Linear, VarBuilder};
+use xfuser_core::kernels::gemm_friendly_linear;
 
 /// diffusers' `get_timestep_embedding`: (N,) timesteps -> (N, dim) f32 sinusoids, `[sin, cos]`
 /// (or `[cos, sin]` with `flip_sin_to_cos`), zero-padded when `dim` is odd.
@@ -325,25 +326,70 @@ impl PixArtAlphaCombinedTimestepSizeEmbeddings {
 }
 
 /// diffusers' `PixArtAlphaTextProjection` (GELU-tanh): caption features -> hidden size.
-#[derive(Debug, Clone)]
+///
+/// Keeps the projections of the last caption tensors it saw, by tensor id: a denoising loop
+/// passes the same text at every step, so it is projected once per loop (candle tensors are
+/// immutable, so an id names one content), and the attention layers can keep their text
+/// keys and values by the id of the projection.
+#[derive(Debug)]
 pub struct PixArtAlphaTextProjection {
     linear_1: Linear,
     linear_2: Linear,
+    cache: Mutex<Vec<(TensorId, Tensor)>>,
+}
+
+/// Caption tensors whose projection is kept (both CFG halves on two rank threads, say).
+const CAPTION_CACHE_ENTRIES: usize = 2;
+
+impl Clone for PixArtAlphaTextProjection {
+    fn clone(&self) -> Self {
+        Self {
+            linear_1: self.linear_1.clone(),
+            linear_2: self.linear_2.clone(),
+            cache: Mutex::new(Vec::new()),
+        }
+    }
 }
 
 impl PixArtAlphaTextProjection {
     pub fn new(in_features: usize, hidden_size: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            linear_1: candle_nn::linear(in_features, hidden_size, vb.pp("linear_1"))?,
-            linear_2: candle_nn::linear(hidden_size, hidden_size, vb.pp("linear_2"))?,
+            linear_1: gemm_friendly_linear(&candle_nn::linear(
+                in_features,
+                hidden_size,
+                vb.pp("linear_1"),
+            )?)?,
+            linear_2: gemm_friendly_linear(&candle_nn::linear(
+                hidden_size,
+                hidden_size,
+                vb.pp("linear_2"),
+            )?)?,
+            cache: Mutex::new(Vec::new()),
         })
+    }
+
+    fn project(&self, caption: &Tensor) -> Result<Tensor> {
+        let h = xfuser_core::kernels::bias_gelu_tanh(
+            &xfuser_core::kernels::matmul_t(caption, self.linear_1.weight())?,
+            self.linear_1.bias(),
+        )?;
+        self.linear_2.forward(&h)
     }
 }
 
 impl Module for PixArtAlphaTextProjection {
     fn forward(&self, caption: &Tensor) -> Result<Tensor> {
-        self.linear_2
-            .forward(&self.linear_1.forward(caption)?.gelu()?)
+        let id = caption.id();
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, t)) = cache.iter().find(|(i, _)| *i == id) {
+            return Ok(t.clone());
+        }
+        let out = self.project(caption)?;
+        if cache.len() == CAPTION_CACHE_ENTRIES {
+            cache.remove(0);
+        }
+        cache.push((id, out.clone()));
+        Ok(out)
     }
 }
 

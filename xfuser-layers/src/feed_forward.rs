@@ -3,6 +3,7 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
+use xfuser_core::kernels::gemm_friendly_linear;
 
 /// The activations of diffusers' `FeedForward` that this port runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,20 +43,42 @@ impl FeedForward {
         vb: VarBuilder,
     ) -> Result<Self> {
         Ok(Self {
-            proj_in: candle_nn::linear(dim, inner_dim, vb.pp("net.0.proj"))?,
-            proj_out: candle_nn::linear(inner_dim, dim, vb.pp("net.2"))?,
+            proj_in: gemm_friendly_linear(&candle_nn::linear(
+                dim,
+                inner_dim,
+                vb.pp("net.0.proj"),
+            )?)?,
+            proj_out: gemm_friendly_linear(&candle_nn::linear(inner_dim, dim, vb.pp("net.2"))?)?,
             activation,
         })
     }
 }
 
+impl FeedForward {
+    /// The forward without `net.2`'s bias, and that bias, for the caller to add in a fused
+    /// residual ([`xfuser_core::kernels::gated_residual`]).
+    pub fn forward_without_out_bias(&self, xs: &Tensor) -> Result<(Tensor, Option<&Tensor>)> {
+        let h = match self.activation {
+            FeedForwardActivation::Gelu => self.proj_in.forward(xs)?.gelu_erf()?,
+            // matmul, then bias and GELU in one pass
+            FeedForwardActivation::GeluTanh => xfuser_core::kernels::bias_gelu_tanh(
+                &xfuser_core::kernels::matmul_t(xs, self.proj_in.weight())?,
+                self.proj_in.bias(),
+            )?,
+        };
+        Ok((
+            xfuser_core::kernels::matmul_t(&h, self.proj_out.weight())?,
+            self.proj_out.bias(),
+        ))
+    }
+}
+
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj_in.forward(xs)?;
-        let h = match self.activation {
-            FeedForwardActivation::Gelu => h.gelu_erf()?,
-            FeedForwardActivation::GeluTanh => h.gelu()?,
-        };
-        self.proj_out.forward(&h)
+        let (h, bias) = self.forward_without_out_bias(xs)?;
+        match bias {
+            Some(b) => h.broadcast_add(b),
+            None => Ok(h),
+        }
     }
 }

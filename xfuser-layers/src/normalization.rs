@@ -36,6 +36,18 @@ impl LayerNorm {
             eps,
         }
     }
+
+    /// `forward(xs)·(1 + scale) + shift` with xs (B, N, D) and shift, scale (B, 1, D): adaLN
+    /// modulation. Without affine parameters this is one fused pass
+    /// ([`xfuser_core::kernels::layer_norm_modulate`]).
+    pub fn forward_modulated(&self, xs: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+        if self.weight.is_none() && self.bias.is_none() {
+            return xfuser_core::kernels::layer_norm_modulate(xs, shift, scale, self.eps);
+        }
+        self.forward(xs)?
+            .broadcast_mul(&(scale + 1.0)?)?
+            .broadcast_add(shift)
+    }
 }
 
 impl Module for LayerNorm {

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Runs xfuser-bench and scripts/bench_pytorch.py in turn (A B A B ...) and prints the median
+ratio rust/torch as the last line.
+
+    cargo build --release -p xfuser-bench
+    /work/pyvenv/bin/python scripts/bench_compare.py pixart-forward --rounds 3
+    /work/pyvenv/bin/python scripts/bench_compare.py pipeline --rounds 3 -- --steps 20
+
+Arguments after `--` go to both benchmarks (same flag names on both sides). Before each run
+the script waits (up to --quiet-wait seconds) until no compiler runs on the machine, because
+a build on the same cores halves either side's speed.
+"""
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUSY = ("rustc", "cargo", "cc1", "cc1plus", "ld")
+
+
+def busy():
+    try:
+        out = subprocess.run(["ps", "-eo", "comm="], capture_output=True, text=True).stdout
+    except OSError:
+        return False
+    return any(line.strip() in BUSY for line in out.splitlines())
+
+
+def wait_quiet(limit):
+    t = time.time()
+    while limit > 0 and busy() and time.time() - t < limit:
+        time.sleep(2)
+
+
+def run(cmd, key):
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    m = re.findall(rf"^{key}=([0-9.eE+-]+)$", p.stdout, re.M)
+    if not m:
+        sys.exit(f"{' '.join(cmd)} printed no {key}=:\n{p.stdout}")
+    return float(m[-1])
+
+
+def main():
+    argv = sys.argv[1:]
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["pixart-forward", "pipeline", "gemm-floor"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rust-bin", default=str(ROOT / "target" / "release" / "xfuser-bench"))
+    p.add_argument("--python", default=sys.executable)
+    p.add_argument("--quiet-wait", type=float, default=300.0)
+    args = p.parse_args(argv)
+
+    rust = [args.rust_bin, args.command, *extra]
+    torch = [args.python, str(ROOT / "scripts" / "bench_pytorch.py"), args.command, *extra]
+    rs, ts, ratios = [], [], []
+    for r in range(args.rounds):
+        wait_quiet(args.quiet_wait)
+        a = run(rust, "rust_seconds")
+        wait_quiet(args.quiet_wait)
+        b = run(torch, "torch_seconds")
+        rs.append(a)
+        ts.append(b)
+        ratios.append(a / b)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"round {r}: rust {a:.4f}s torch {b:.4f}s ratio {a / b:.3f} (load {load:.2f})",
+              flush=True)
+    print(f"rust_median={statistics.median(rs):.4f}")
+    print(f"torch_median={statistics.median(ts):.4f}")
+    print(f"ratio={statistics.median(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,629 @@
+//! CPU benchmarks of xfuser-rs against diffusers/PyTorch (`scripts/bench_pytorch.py` does the
+//! same work in torch; `scripts/bench_compare.py` runs both in turn and prints the ratio).
+//!
+//! - `pixart-forward`: one full-size PixArt-α transformer forward (random weights drawn here);
+//! - `pipeline`: the denoising loop with classifier-free guidance (transformer + DPM-Solver++);
+//! - `gemm-floor`: candle's sgemm rate on the forward's matrix products and the time they need;
+//! - `parallel`: the loop on `--world` rank threads with CFG, Ulysses or Ring parallelism
+//!   (PipeFusion: not available yet).
+//!
+//! Every timed subcommand prints `rust_seconds=<median>` and `gflops=<achieved>` as its last
+//! lines.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use xfuser_core::backbone::{Backbone, BackboneInputs, ForwardContext, SpContext};
+use xfuser_core::distributed::runtime_state::input_metadata;
+use xfuser_core::distributed::{launch_local, LaunchOptions, RankMesh, ShapeParams};
+use xfuser_core::engine::ParallelConfig;
+use xfuser_core::scheduler::Scheduler;
+use xfuser_pipelines::denoise::{denoise, Guidance, TextConditioning};
+use xfuser_schedulers::scheduling_dpmsolver_multistep::DPMSolverMultistepScheduler;
+use xfuser_transformers::pixart_transformer_2d::{Config, PixArtTransformer2DModel};
+
+#[derive(Parser)]
+#[command(
+    name = "xfuser-bench",
+    about = "CPU benchmarks of xfuser-rs (compare with scripts/bench_pytorch.py)"
+)]
+struct Cli {
+    /// Keep glibc malloc's defaults: fresh pages (page faults, zeroing) for every large tensor.
+    #[arg(long, global = true)]
+    system_malloc: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// glibc's malloc serves allocations over its (adaptive) mmap threshold with fresh pages and
+/// hands freed memory at the heap top back to the kernel: every activation tensor of a
+/// forward then costs page faults and the kernel's zeroing of its pages. Keeping them in the
+/// heap makes them reusable, as torch's CPU allocator effectively does.
+fn tune_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One PixArt-α transformer forward: warm-up, then the median of several.
+    PixartForward(ForwardArgs),
+    /// The 20-step denoising loop with CFG (transformer + DPM-Solver++).
+    Pipeline(PipelineArgs),
+    /// candle's sgemm GFLOP/s on the forward's matrix products, and their total time.
+    GemmFloor(ModelArgs),
+    /// The loop on `--world` rank threads with a parallel method.
+    Parallel(ParallelArgs),
+}
+
+/// The model and input shapes, identical to scripts/bench_pytorch.py's.
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Image side in pixels (the latent is resolution/8).
+    #[arg(long, default_value_t = 256)]
+    resolution: usize,
+    /// Batch of the transformer (2 = one image with classifier-free guidance).
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    #[arg(long, default_value_t = 28)]
+    layers: usize,
+    /// Text tokens (PixArt-α: 120).
+    #[arg(long, default_value_t = 120)]
+    text_len: usize,
+    /// The config's sample_size; default resolution/8, as the PixArt-α checkpoint for that
+    /// resolution (128 turns on the resolution/aspect-ratio conditioning).
+    #[arg(long)]
+    sample_size: Option<usize>,
+}
+
+#[derive(Args)]
+struct ForwardArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Print the time of each part of the forward (embed, per-block, head) too.
+    #[arg(long)]
+    parts: bool,
+}
+
+#[derive(Args, Clone)]
+struct PipelineArgs {
+    #[arg(long, default_value_t = 256)]
+    resolution: usize,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 28)]
+    layers: usize,
+    #[arg(long, default_value_t = 120)]
+    text_len: usize,
+    #[arg(long)]
+    sample_size: Option<usize>,
+    #[arg(long, default_value_t = 4.5)]
+    guidance_scale: f64,
+    /// Forwards run before timing (pages the weights in).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Whole loops timed; the median is printed.
+    #[arg(long, default_value_t = 1)]
+    iters: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ParallelMode {
+    Cfg,
+    Ulysses,
+    Ring,
+    Pipefusion,
+}
+
+#[derive(Args)]
+struct ParallelArgs {
+    #[arg(long, value_enum)]
+    mode: ParallelMode,
+    /// Rank threads (the method's degree).
+    #[arg(long, default_value_t = 2)]
+    world: usize,
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+}
+
+/// Weights drawn on request, like torch's default initialisation (uniform ±1/√fan_in for
+/// matrices, ±0.02 for vectors), from a fast deterministic generator seeded by the name.
+struct RandomWeights;
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn uniform(n: usize, bound: f32, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            let u = (splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32;
+            (2.0 * u - 1.0) * bound
+        })
+        .collect()
+}
+
+fn name_seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let dims = s.dims();
+        let bound = if dims.len() >= 2 {
+            let fan_in: usize = dims[1..].iter().product();
+            1.0 / (fan_in as f32).sqrt()
+        } else {
+            0.02
+        };
+        let data = uniform(s.elem_count(), bound, name_seed(name));
+        Tensor::from_vec(data, s, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights have no shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+fn config(m: &ModelArgs) -> Result<Config> {
+    let sample_size = m.sample_size.unwrap_or(m.resolution / 8);
+    let cfg: Config = serde_json::from_value(serde_json::json!({
+        "num_layers": m.layers,
+        "sample_size": sample_size,
+        "caption_channels": 4096,
+        "in_channels": 4,
+        "out_channels": 8,
+        "num_attention_heads": 16,
+        "attention_head_dim": 72,
+        "cross_attention_dim": 1152,
+        "patch_size": 2,
+        "activation_fn": "gelu-approximate",
+        "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": false,
+        "norm_eps": 1e-6,
+    }))?;
+    Ok(cfg)
+}
+
+fn build_model(cfg: &Config) -> Result<PixArtTransformer2DModel> {
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu);
+    PixArtTransformer2DModel::new(cfg, vb).context("building the PixArt transformer")
+}
+
+fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
+    // Uniform with unit variance: the benchmark needs realistic magnitudes, not Gaussians.
+    let n = shape.iter().product();
+    Ok(Tensor::from_vec(
+        uniform(n, 3f32.sqrt(), seed),
+        shape,
+        &Device::Cpu,
+    )?)
+}
+
+/// Micro-conditioning inputs when the config uses them: (B, 2) resolution, (B, 1) aspect ratio.
+fn size_conditions(cfg: &Config, batch: usize, res: usize) -> Result<Option<(Tensor, Tensor)>> {
+    if !cfg.use_additional_conditions() {
+        return Ok(None);
+    }
+    let r = Tensor::from_vec(
+        [res as f32, res as f32].repeat(batch),
+        (batch, 2),
+        &Device::Cpu,
+    )?;
+    let a = Tensor::from_vec(vec![1f32; batch], (batch, 1), &Device::Cpu)?;
+    Ok(Some((r, a)))
+}
+
+/// One matrix-product shape of the forward: `count` products of (m, k)·(k, n).
+#[derive(Debug, Clone, Copy)]
+struct Gemm {
+    what: &'static str,
+    count: usize,
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+}
+
+impl Gemm {
+    fn flops(&self) -> f64 {
+        2.0 * (self.count * self.batch * self.m * self.k * self.n) as f64
+    }
+}
+
+/// Every matrix product of a PixArt forward (the Linear layers stack the batch into rows).
+fn forward_gemms(cfg: &Config, m: &ModelArgs) -> Vec<Gemm> {
+    let (b, layers, l) = (m.batch, m.layers, m.text_len);
+    let d = cfg.inner_dim();
+    let lat = m.resolution / 8;
+    let tokens = (lat / cfg.patch_size) * (lat / cfg.patch_size);
+    let (heads, dh) = (cfg.num_attention_heads, cfg.attention_head_dim);
+    let caption = cfg.caption_channels.unwrap_or(d);
+    let p2c = cfg.patch_size * cfg.patch_size;
+    let g = |what, count, batch, m, k, n| Gemm {
+        what,
+        count,
+        batch,
+        m,
+        k,
+        n,
+    };
+    let mut v = vec![
+        g(
+            "linear N·D·D (q,k,v,out; cross q,out)",
+            6 * layers,
+            1,
+            b * tokens,
+            d,
+            d,
+        ),
+        g("linear ff up N·D·4D", layers, 1, b * tokens, d, 4 * d),
+        g("linear ff down N·4D·D", layers, 1, b * tokens, 4 * d, d),
+        g("linear cross k,v L·D·D", 2 * layers, 1, b * l, d, d),
+        g("attn self q·kᵀ", layers, b * heads, tokens, dh, tokens),
+        g("attn self p·v", layers, b * heads, tokens, tokens, dh),
+        g("attn cross q·kᵀ", layers, b * heads, tokens, dh, l),
+        g("attn cross p·v", layers, b * heads, tokens, l, dh),
+        g("caption linear_1", 1, 1, b * l, caption, d),
+        g("caption linear_2", 1, 1, b * l, d, d),
+        g("patch embed", 1, 1, b * tokens, cfg.in_channels * p2c, d),
+        g("proj_out", 1, 1, b * tokens, d, p2c * cfg.out_channels()),
+        g("adaln linear", 1, 1, b, d, 6 * d),
+        g("timestep mlp", 1, 1, b, 256, d),
+        g("timestep mlp 2", 1, 1, b, d, d),
+    ];
+    if cfg.use_additional_conditions() {
+        v.push(g("size mlps", 2, 1, 3 * b, 256, d / 3));
+        v.push(g("size mlps 2", 2, 1, 3 * b, d / 3, d / 3));
+    }
+    v
+}
+
+fn total_flops(gemms: &[Gemm]) -> f64 {
+    gemms.iter().map(Gemm::flops).sum()
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        0.5 * (xs[n / 2 - 1] + xs[n / 2])
+    }
+}
+
+fn report(seconds: f64, flops: f64) {
+    println!("rust_seconds={seconds:.4}");
+    println!("gflops={:.2}", flops / seconds / 1e9);
+}
+
+fn pixart_forward(args: &ForwardArgs) -> Result<()> {
+    let m = &args.model;
+    let cfg = config(m)?;
+    let t0 = Instant::now();
+    let model = build_model(&cfg)?;
+    eprintln!(
+        "model built in {:.1}s: {} layers, hidden {}, sample_size {}, threads {}",
+        t0.elapsed().as_secs_f64(),
+        m.layers,
+        cfg.inner_dim(),
+        cfg.sample_size,
+        candle_core::utils::get_num_threads()
+    );
+    let lat = m.resolution / 8;
+    let latent = randn(&[m.batch, cfg.in_channels, lat, lat], 1)?;
+    let caption = cfg.caption_channels.unwrap_or(cfg.inner_dim());
+    let text = randn(&[m.batch, m.text_len, caption], 2)?;
+    let mask = Tensor::ones((m.batch, m.text_len), DType::F32, &Device::Cpu)?;
+    let timestep = Tensor::full(999f32, m.batch, &Device::Cpu)?;
+    let sizes = size_conditions(&cfg, m.batch, m.resolution)?;
+    let inputs = BackboneInputs {
+        hidden_states: &latent,
+        encoder_hidden_states: &text,
+        timestep: &timestep,
+        encoder_attention_mask: Some(&mask),
+        resolution: sizes.as_ref().map(|s| &s.0),
+        aspect_ratio: sizes.as_ref().map(|s| &s.1),
+    };
+    let ctx = ForwardContext::default();
+    let flops = total_flops(&forward_gemms(&cfg, m));
+    for _ in 0..args.warmup {
+        model.forward(&inputs, &ctx)?;
+    }
+    let mut times = Vec::new();
+    for i in 0..args.iters {
+        let t = Instant::now();
+        let out = if args.parts {
+            let t_embed = Instant::now();
+            let state = model.embed(&inputs, &ctx)?;
+            let embed = t_embed.elapsed().as_secs_f64();
+            let t_blocks = Instant::now();
+            let state = model.blocks(state, 0..m.layers, &ctx)?;
+            let blocks = t_blocks.elapsed().as_secs_f64();
+            let t_head = Instant::now();
+            let out = model.head(state, &ctx)?;
+            eprintln!(
+                "  parts: embed {embed:.4}s, blocks {blocks:.4}s ({:.4}s/block), head {:.4}s",
+                blocks / m.layers as f64,
+                t_head.elapsed().as_secs_f64()
+            );
+            out
+        } else {
+            model.forward(&inputs, &ctx)?
+        };
+        let s = t.elapsed().as_secs_f64();
+        eprintln!("forward {i}: {s:.4}s, output {:?}", out.dims());
+        times.push(s);
+    }
+    report(median(times), flops);
+    Ok(())
+}
+
+fn pipeline(args: &PipelineArgs, parallel: Option<(ParallelMode, usize)>) -> Result<()> {
+    let m = ModelArgs {
+        resolution: args.resolution,
+        batch: 2,
+        layers: args.layers,
+        text_len: args.text_len,
+        sample_size: args.sample_size,
+    };
+    let cfg = config(&m)?;
+    let model = build_model(&cfg)?;
+    let mut scheduler = DPMSolverMultistepScheduler::from_config(
+        &serde_json::json!({}),
+        std::path::Path::new("<bench: DPMSolverMultistepScheduler defaults>"),
+    )?;
+    scheduler.set_timesteps(args.steps)?;
+    let lat = args.resolution / 8;
+    let caption = cfg.caption_channels.unwrap_or(cfg.inner_dim());
+    let text = |seed| -> Result<TextConditioning> {
+        Ok(TextConditioning {
+            embeds: randn(&[1, args.text_len, caption], seed)?,
+            mask: Tensor::ones((1, args.text_len), DType::F32, &Device::Cpu)?,
+        })
+    };
+    let sizes = size_conditions(&cfg, 1, args.resolution)?;
+    let guidance = Guidance {
+        positive: text(2)?,
+        negative: Some(text(3)?),
+        guidance_scale: args.guidance_scale,
+        resolution: sizes.as_ref().map(|s| s.0.clone()),
+        aspect_ratio: sizes.as_ref().map(|s| s.1.clone()),
+    };
+    let latents = (randn(&[1, cfg.in_channels, lat, lat], 1)? * scheduler.init_noise_sigma())?;
+    let ctx = ForwardContext::default();
+    if args.warmup > 0 {
+        let embeds = Tensor::cat(&[&guidance.positive.embeds, &guidance.positive.embeds], 0)?;
+        let input = Tensor::cat(&[&latents, &latents], 0)?;
+        let mask = Tensor::ones((2, args.text_len), DType::F32, &Device::Cpu)?;
+        let timestep = Tensor::full(999f32, 2, &Device::Cpu)?;
+        let sizes2 = size_conditions(&cfg, 2, args.resolution)?;
+        let inputs = BackboneInputs {
+            hidden_states: &input,
+            encoder_hidden_states: &embeds,
+            timestep: &timestep,
+            encoder_attention_mask: Some(&mask),
+            resolution: sizes2.as_ref().map(|s| &s.0),
+            aspect_ratio: sizes2.as_ref().map(|s| &s.1),
+        };
+        for _ in 0..args.warmup {
+            model.forward(&inputs, &ctx)?;
+        }
+    }
+    let flops = total_flops(&forward_gemms(&cfg, &m)) * args.steps as f64;
+    let mut times = Vec::new();
+    for i in 0..args.iters.max(1) {
+        let t = Instant::now();
+        let out = match parallel {
+            None => denoise(
+                &model,
+                &scheduler,
+                latents.clone(),
+                &guidance,
+                &ctx,
+                None,
+                None,
+                &mut |_, _| Ok(()),
+            )?,
+            Some((mode, world)) => {
+                parallel_loop(&model, &scheduler, &latents, &guidance, args, mode, world)?
+            }
+        };
+        let s = t.elapsed().as_secs_f64();
+        let mean = out.mean_all()?.to_scalar::<f32>()?;
+        eprintln!(
+            "loop {i}: {s:.3}s ({} steps), latents mean {mean:.5}",
+            args.steps
+        );
+        times.push(s);
+    }
+    report(median(times), flops);
+    Ok(())
+}
+
+/// Times `count`·`batch` products of one shape; returns seconds per product (median of runs).
+fn time_gemm(g: &Gemm) -> Result<f64> {
+    let a = randn(&[g.batch, g.m, g.k], 11)?;
+    // A row-major (k, n) rhs: the layout the model's linear layers use
+    // (xfuser_core::kernels::gemm_friendly_weight).
+    let b = randn(&[g.batch, g.k, g.n], 12)?;
+    let flops = 2.0 * (g.batch * g.m * g.k * g.n) as f64;
+    // Enough repetitions for ~0.2 s per sample.
+    let reps = ((0.2e9 * 100.0 / flops) as usize).clamp(1, 2000);
+    a.matmul(&b)?;
+    let mut samples = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        for _ in 0..reps {
+            a.matmul(&b)?;
+        }
+        samples.push(t.elapsed().as_secs_f64() / reps as f64);
+    }
+    Ok(median(samples))
+}
+
+fn gemm_floor(m: &ModelArgs) -> Result<()> {
+    let cfg = config(m)?;
+    let gemms = forward_gemms(&cfg, m);
+    let mut floor = 0.0;
+    for g in &gemms {
+        let s = time_gemm(g)?;
+        floor += s * g.count as f64;
+        println!(
+            "gemm {:<40} {:>3}x [{}x] {}x{}x{}: {:.1} GFLOP/s, {:.4}s in all",
+            g.what,
+            g.count,
+            g.batch,
+            g.m,
+            g.k,
+            g.n,
+            g.flops() / g.count as f64 / s / 1e9,
+            s * g.count as f64
+        );
+    }
+    let flops = total_flops(&gemms);
+    println!("model_gflop={:.2}", flops / 1e9);
+    println!("gemm_floor_seconds={floor:.4}");
+    report(floor, flops);
+    Ok(())
+}
+
+/// The loop on `world` rank threads (one process, the local backend), as the parallel
+/// runtime runs it; returns rank 0's latents.
+fn parallel_loop(
+    model: &PixArtTransformer2DModel,
+    scheduler: &DPMSolverMultistepScheduler,
+    latents: &Tensor,
+    guidance: &Guidance,
+    args: &PipelineArgs,
+    mode: ParallelMode,
+    world: usize,
+) -> Result<Tensor> {
+    let config = match mode {
+        ParallelMode::Cfg => ParallelConfig {
+            use_cfg_parallel: true,
+            ..Default::default()
+        },
+        ParallelMode::Ulysses => ParallelConfig {
+            ulysses_degree: world,
+            ..Default::default()
+        },
+        ParallelMode::Ring => ParallelConfig {
+            ring_degree: world,
+            ..Default::default()
+        },
+        ParallelMode::Pipefusion => bail!(
+            "parallel --mode pipefusion: not available yet: the PipeFusion denoising loop is \
+             not wired into the pipelines yet"
+        ),
+    };
+    let mesh = RankMesh::new(&config)?;
+    if mesh.world_size() != world {
+        bail!(
+            "--mode {} runs on {} ranks, not --world {world}",
+            mode_name(mode),
+            mesh.world_size()
+        );
+    }
+    let meta = input_metadata(
+        args.resolution,
+        args.resolution,
+        2,
+        args.steps,
+        &ShapeParams {
+            sp_degree: mesh.sp_degree(),
+            num_pipeline_patch: 1,
+            patch_size: model.info().patch_size,
+            vae_scale_factor: 8,
+        },
+    )?;
+    let options = LaunchOptions::with_timeout(std::time::Duration::from_secs(3600));
+    let outs = launch_local(&mesh, &options, |rank| {
+        let (ctx, cfg_group) = match mode {
+            ParallelMode::Cfg => (ForwardContext::default(), Some(rank.cfg_group())),
+            _ => (
+                ForwardContext::sequence_parallel(
+                    mode_name(mode),
+                    SpContext::from_rank(&rank, meta.full.clone())?,
+                )?,
+                None,
+            ),
+        };
+        denoise(
+            model,
+            scheduler,
+            latents.clone(),
+            guidance,
+            &ctx,
+            cfg_group,
+            None,
+            &mut |_, _| Ok(()),
+        )
+    })?;
+    Ok(outs.into_iter().next().expect("rank 0"))
+}
+
+fn mode_name(mode: ParallelMode) -> &'static str {
+    match mode {
+        ParallelMode::Cfg => "cfg",
+        ParallelMode::Ulysses => "ulysses",
+        ParallelMode::Ring => "ring",
+        ParallelMode::Pipefusion => "pipefusion",
+    }
+}
+
+fn parallel(args: &ParallelArgs) -> Result<()> {
+    if matches!(args.mode, ParallelMode::Pipefusion) {
+        bail!(
+            "parallel --mode pipefusion --world {}: not available yet: the PipeFusion denoising \
+             loop is not wired into the pipelines yet",
+            args.world
+        );
+    }
+    pipeline(&args.pipeline, Some((args.mode, args.world)))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if !cli.system_malloc {
+        tune_malloc();
+    }
+    match &cli.command {
+        Command::PixartForward(a) => pixart_forward(a),
+        Command::Pipeline(a) => pipeline(a, None),
+        Command::GemmFloor(m) => gemm_floor(m),
+        Command::Parallel(a) => parallel(a),
+    }
+}
