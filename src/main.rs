@@ -98,6 +98,15 @@ struct GenerateArgs {
     ring_degree: usize,
     #[arg(long, alias = "pipefusion_parallel_degree", default_value_t = 1)]
     pipefusion_parallel_degree: usize,
+    /// PipeFusion: patches the image is cut into; default: the PipeFusion degree.
+    #[arg(long, alias = "num_pipeline_patch")]
+    num_pipeline_patch: Option<usize>,
+    /// PipeFusion: steps run synchronously on the whole image first (at least 1).
+    #[arg(long, alias = "warmup_steps", default_value_t = 1)]
+    warmup_steps: usize,
+    /// PipeFusion: transformer blocks per stage, e.g. 14,14; default: an even split.
+    #[arg(long, alias = "attn_layer_num_for_pp", value_delimiter = ',')]
+    attn_layer_num_for_pp: Option<Vec<usize>>,
     #[arg(long, alias = "tensor_parallel_degree", default_value_t = 1)]
     tensor_parallel_degree: usize,
 }
@@ -151,6 +160,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
         ulysses_degree: args.ulysses_degree,
         ring_degree: args.ring_degree,
         tensor_parallel_degree: args.tensor_parallel_degree,
+        num_pipeline_patch: args.num_pipeline_patch,
+        warmup_steps: args.warmup_steps,
+        attn_layer_num_for_pp: args.attn_layer_num_for_pp.clone(),
     };
     let input = InputConfig {
         prompts: args.prompt.clone(),
@@ -174,9 +186,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
     parallel.validate()?;
     let dtype = match args.dtype {
         DTypeArg::F32 => DType::F32,
-        DTypeArg::F16 | DTypeArg::Bf16 => bail!(
-            "--dtype f16/bf16 needs a GPU build (the `cuda` feature); on the CPU use --dtype f32"
-        ),
+        DTypeArg::F16 | DTypeArg::Bf16 => {
+            bail!("--dtype f16/bf16: this build computes on the CPU in f32 only; use --dtype f32")
+        }
     };
     prepare_output_dir(&args.output_dir)?;
 
@@ -203,7 +215,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         parallel.ulysses_degree,
         parallel.ring_degree,
         parallel.pipefusion_parallel_degree,
-        parallel.pipefusion_parallel_degree,
+        parallel.pipeline_patches(),
     );
     let written = write_outputs(&output, input.output_type, &args.output_dir, &stem)?;
     for path in written {
@@ -239,9 +251,16 @@ fn report_comm(output: &PipelineOutput) {
     }
 }
 
-/// The last component of a folder path or Hub id, for output file names.
+/// The last component of a folder path or Hub id, for output file names. A local folder is
+/// named by its canonical path, so `--model .` names the files after the folder, not `.`.
 fn model_display_name(model: &str) -> String {
-    let trimmed = model.trim_end_matches('/');
+    let canonical = Path::new(model)
+        .is_dir()
+        .then(|| std::fs::canonicalize(model).ok())
+        .flatten()
+        .map(|p| p.to_string_lossy().into_owned());
+    let name = canonical.as_deref().unwrap_or(model);
+    let trimmed = name.trim_end_matches('/');
     trimmed
         .rsplit('/')
         .next()

@@ -198,12 +198,17 @@ fn invalid_degrees_are_refused_before_any_work() {
         assert!(err.contains(want), "expected {want:?} in: {err}");
         assert_eq!(steps, 0, "no step may run before the refusal");
     };
-    // 3 does not divide the 2 heads of the α fixture.
-    check(
-        "tiny-pixart-alpha",
-        degrees(1, false, 3, 1),
-        4.5,
-        "does not divide the 2 attention heads",
+    // 3 does not divide the 2 heads of the α fixture: refused when loading, from the
+    // transformer's config alone, before any weights are read.
+    let mut engine = EngineConfig::new(model_dir("tiny-pixart-alpha").to_string_lossy());
+    engine.parallel = degrees(1, false, 3, 1);
+    let err = match xFuserPipeline::from_pretrained(&engine) {
+        Ok(_) => panic!("--ulysses-degree 3 on 2 heads was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("does not divide the 2 attention heads"),
+        "{err}"
     );
     check(
         "tiny-pixart-alpha",

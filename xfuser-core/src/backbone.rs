@@ -208,8 +208,103 @@ impl SpContext {
     }
 }
 
+/// Which part of a backbone one PipeFusion stage holds: a contiguous range of blocks, plus
+/// the patch embedding on the first stage and the head on the last. Loaders that honour it
+/// (see [`crate::registry::LoadOptions::stage`]) read only those weights (and the small
+/// conditioning modules every stage needs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineStage {
+    pub index: usize,
+    pub num_stages: usize,
+    /// Blocks per stage (`--attn-layer-num-for-pp`); None: an even split.
+    pub layer_counts: Option<Vec<usize>>,
+}
+
+impl PipelineStage {
+    pub fn is_first(&self) -> bool {
+        self.index == 0
+    }
+
+    pub fn is_last(&self) -> bool {
+        self.index + 1 == self.num_stages
+    }
+
+    /// The blocks of this stage in a model of `num_layers`.
+    pub fn layers(&self, num_layers: usize) -> Result<Range<usize>> {
+        let ranges = stage_layer_ranges(num_layers, self.num_stages, self.layer_counts.as_deref())?;
+        ranges.get(self.index).cloned().ok_or_else(|| {
+            Error::invalid(format!(
+                "pipeline stage {} of {}: no such stage",
+                self.index, self.num_stages
+            ))
+        })
+    }
+}
+
+/// The contiguous block ranges of `num_stages` pipeline stages: `counts` blocks each (they
+/// must sum to `num_layers`), or an even split with the first `num_layers % num_stages`
+/// stages one block more.
+pub fn stage_layer_ranges(
+    num_layers: usize,
+    num_stages: usize,
+    counts: Option<&[usize]>,
+) -> Result<Vec<Range<usize>>> {
+    if num_stages == 0 || num_stages > num_layers {
+        return Err(Error::invalid(format!(
+            "--pipefusion-parallel-degree {num_stages} does not fit the {num_layers} \
+             transformer blocks: every stage needs at least one; use 1 to {num_layers}"
+        )));
+    }
+    let counts: Vec<usize> = match counts {
+        Some(c) => {
+            let sum: usize = c.iter().sum();
+            if c.len() != num_stages || sum != num_layers || c.contains(&0) {
+                return Err(Error::invalid(format!(
+                    "--attn-layer-num-for-pp {c:?} must give {num_stages} positive stage sizes \
+                     summing to the model's {num_layers} transformer blocks (they sum to {sum})"
+                )));
+            }
+            c.to_vec()
+        }
+        None => (0..num_stages)
+            .map(|s| num_layers / num_stages + usize::from(s < num_layers % num_stages))
+            .collect(),
+    };
+    let mut start = 0;
+    Ok(counts
+        .into_iter()
+        .map(|n| {
+            start += n;
+            start - n..start
+        })
+        .collect())
+}
+
 pub trait Backbone: Send + Sync {
     fn info(&self) -> &BackboneInfo;
+
+    /// The blocks this instance holds: all of them, or a PipeFusion stage's range.
+    fn held_layers(&self) -> Range<usize> {
+        0..self.info().num_layers
+    }
+
+    /// Bytes of the parameters this instance loaded, when it counts them (a PipeFusion stage
+    /// holds about 1/P of the model).
+    fn parameter_bytes(&self) -> Option<u64> {
+        None
+    }
+
+    /// What `embed` computes besides the image tokens (conditioning, text, masks), for the
+    /// PipeFusion stages after the first, whose image tokens come from the previous stage:
+    /// the caller replaces the returned state's `hidden`. The default runs the whole `embed`;
+    /// a backbone that loads stages without the patch embedding overrides it.
+    fn embed_conditioning(
+        &self,
+        inputs: &BackboneInputs,
+        ctx: &ForwardContext,
+    ) -> Result<BlockState> {
+        self.embed(inputs, ctx)
+    }
 
     /// Patch embedding, positional embedding and conditioning of the whole input.
     fn embed(&self, inputs: &BackboneInputs, ctx: &ForwardContext) -> Result<BlockState>;
@@ -230,5 +325,35 @@ pub trait Backbone: Send + Sync {
         let state = self.embed(inputs, ctx)?;
         let state = self.blocks(state, 0..self.info().num_layers, ctx)?;
         self.head(state, ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_split_the_blocks() {
+        assert_eq!(stage_layer_ranges(4, 2, None).unwrap(), vec![0..2, 2..4]);
+        assert_eq!(
+            stage_layer_ranges(28, 3, None).unwrap(),
+            vec![0..10, 10..19, 19..28]
+        );
+        assert_eq!(
+            stage_layer_ranges(4, 2, Some(&[3, 1])).unwrap(),
+            vec![0..3, 3..4]
+        );
+        let msg = stage_layer_ranges(4, 2, Some(&[2, 1]))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("summing to the model's 4"), "{msg}");
+        assert!(stage_layer_ranges(2, 4, None).is_err());
+        let stage = PipelineStage {
+            index: 1,
+            num_stages: 2,
+            layer_counts: None,
+        };
+        assert!(stage.is_last() && !stage.is_first());
+        assert_eq!(stage.layers(6).unwrap(), 3..6);
     }
 }

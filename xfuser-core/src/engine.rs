@@ -16,7 +16,8 @@ pub struct ModelConfig {
     pub device: Device,
 }
 
-/// Degrees of the parallel methods; their product is the number of ranks.
+/// Degrees of the parallel methods (their product is the number of ranks) and PipeFusion's
+/// settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParallelConfig {
     pub data_parallel_degree: usize,
@@ -25,6 +26,14 @@ pub struct ParallelConfig {
     pub ulysses_degree: usize,
     pub ring_degree: usize,
     pub tensor_parallel_degree: usize,
+    /// PipeFusion: patches the latent image is cut into (M); None: the PipeFusion degree.
+    pub num_pipeline_patch: Option<usize>,
+    /// PipeFusion: the first steps, run synchronously on the whole image (at least 1: they
+    /// fill the stale K/V buffers). With warmup ≥ steps the result equals the serial run.
+    pub warmup_steps: usize,
+    /// PipeFusion: transformer blocks per stage, in stage order (summing to the model's
+    /// layers); None: an even split, the first stages one more when it does not divide.
+    pub attn_layer_num_for_pp: Option<Vec<usize>>,
 }
 
 impl Default for ParallelConfig {
@@ -36,6 +45,9 @@ impl Default for ParallelConfig {
             ulysses_degree: 1,
             ring_degree: 1,
             tensor_parallel_degree: 1,
+            num_pipeline_patch: None,
+            warmup_steps: 1,
+            attn_layer_num_for_pp: None,
         }
     }
 }
@@ -63,10 +75,18 @@ impl ParallelConfig {
         self.world_size() == 1
     }
 
-    /// Degrees must be at least 1, and the methods not built yet (PipeFusion, tensor
-    /// parallel) are refused rather than silently run serially. Checks that need the model
-    /// (heads divisible by the Ulysses degree, CFG parallel needing guidance) come later,
-    /// from [`crate::distributed::RankMesh::validate_for_model`], still before any work.
+    /// The number of PipeFusion patches: `num_pipeline_patch`, or the PipeFusion degree.
+    pub fn pipeline_patches(&self) -> usize {
+        self.num_pipeline_patch
+            .unwrap_or(self.pipefusion_parallel_degree)
+    }
+
+    /// Degrees must be at least 1, PipeFusion's settings must fit its degree, and the
+    /// method not built yet (tensor parallel) is refused rather than silently run serially.
+    /// Checks that need the model (heads divisible by the Ulysses degree, CFG parallel
+    /// needing guidance, stage sizes summing to the layers) come later, from
+    /// [`crate::distributed::RankMesh::validate_for_model`] and
+    /// [`crate::backbone::stage_layer_ranges`], still before any work.
     pub fn validate(&self) -> Result<()> {
         let degrees = [
             ("--data-parallel-degree", self.data_parallel_degree),
@@ -81,19 +101,41 @@ impl ParallelConfig {
         if let Some((flag, _)) = degrees.iter().find(|(_, d)| *d == 0) {
             return Err(Error::invalid(format!("{flag} must be at least 1")));
         }
-        if self.pipefusion_parallel_degree > 1 {
-            return Err(Error::Unsupported(
-                "--pipefusion-parallel-degree > 1: PipeFusion is not built yet; use data, CFG, \
-                 Ulysses or Ring parallelism"
-                    .into(),
-            ));
-        }
+        self.validate_pipefusion()?;
         if self.tensor_parallel_degree > 1 {
             return Err(Error::Unsupported(
                 "--tensor-parallel-degree > 1: tensor parallelism is not built yet; use data, \
                  CFG, Ulysses or Ring parallelism"
                     .into(),
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_pipefusion(&self) -> Result<()> {
+        let pp = self.pipefusion_parallel_degree;
+        if self.num_pipeline_patch == Some(0) {
+            return Err(Error::invalid("--num-pipeline-patch must be at least 1"));
+        }
+        if pp > 1 && self.warmup_steps == 0 {
+            return Err(Error::invalid(
+                "--warmup-steps must be at least 1 with --pipefusion-parallel-degree > 1: the \
+                 first step fills the K/V buffers that later patches read",
+            ));
+        }
+        if let Some(counts) = &self.attn_layer_num_for_pp {
+            if counts.len() != pp {
+                return Err(Error::invalid(format!(
+                    "--attn-layer-num-for-pp gives {} stage sizes ({counts:?}) but \
+                     --pipefusion-parallel-degree is {pp}: give one per stage",
+                    counts.len()
+                )));
+            }
+            if counts.contains(&0) {
+                return Err(Error::invalid(format!(
+                    "--attn-layer-num-for-pp {counts:?}: every stage needs at least one block"
+                )));
+            }
         }
         Ok(())
     }
@@ -107,6 +149,10 @@ pub struct RuntimeConfig {
     /// For testing failure handling: rank `.0` fails with an error when it reaches denoising
     /// step `.1` (1-based). Every other rank must then return an error, never hang.
     pub inject_failure: Option<(usize, usize)>,
+    /// Test aid for PipeFusion: patches attend to zeros instead of the other patches' stale
+    /// K/V, the baseline that the stale-KV approximation is measured against. Never set it
+    /// for real runs.
+    pub pipefusion_zero_stale_kv: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -114,6 +160,7 @@ impl Default for RuntimeConfig {
         Self {
             comm_timeout: std::time::Duration::from_secs(300),
             inject_failure: None,
+            pipefusion_zero_stale_kv: false,
         }
     }
 }
@@ -270,18 +317,47 @@ mod tests {
     }
 
     #[test]
-    fn parallel_degrees_beyond_serial_are_refused_for_now() {
+    fn pipefusion_settings_are_checked() {
+        let pp = |f: fn(&mut ParallelConfig)| {
+            let mut p = ParallelConfig {
+                pipefusion_parallel_degree: 2,
+                ..Default::default()
+            };
+            f(&mut p);
+            p.validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(pp(|_| {}), "");
+        assert_eq!(pp(|p| p.num_pipeline_patch = Some(8)), "");
+        assert!(pp(|p| p.num_pipeline_patch = Some(0)).contains("--num-pipeline-patch"));
+        assert!(pp(|p| p.warmup_steps = 0).contains("--warmup-steps"));
+        assert!(pp(|p| p.attn_layer_num_for_pp = Some(vec![1, 1, 1])).contains("one per stage"));
+        assert!(pp(|p| p.attn_layer_num_for_pp = Some(vec![2, 0])).contains("at least one"));
+        assert_eq!(pp(|p| p.attn_layer_num_for_pp = Some(vec![3, 1])), "");
+        assert_eq!(ParallelConfig::default().pipeline_patches(), 1);
+    }
+
+    #[test]
+    fn zero_and_unbuilt_degrees_are_refused() {
         assert!(ParallelConfig::default().validate().is_ok());
         let p = ParallelConfig {
             ulysses_degree: 2,
+            pipefusion_parallel_degree: 2,
             ..Default::default()
         };
-        assert_eq!(p.world_size(), 2);
-        assert!(p
+        assert_eq!(p.world_size(), 4);
+        assert!(p.validate().is_ok());
+        let tp = ParallelConfig {
+            tensor_parallel_degree: 2,
+            ..Default::default()
+        };
+        assert!(tp
             .validate()
             .unwrap_err()
             .to_string()
-            .contains("world size 2"));
+            .contains("--tensor-parallel-degree > 1"));
         let zero = ParallelConfig {
             ring_degree: 0,
             ..Default::default()

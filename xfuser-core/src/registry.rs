@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::attention::AttentionProcessor;
-use crate::backbone::{Backbone, SpContext};
+use crate::backbone::{Backbone, PipelineStage, SpContext};
 use crate::engine::EngineConfig;
 use crate::pipeline::DiffusionPipeline;
 use crate::scheduler::Scheduler;
@@ -22,6 +22,9 @@ use crate::{Error, Result};
 pub struct LoadOptions {
     pub dtype: candle_core::DType,
     pub device: candle_core::Device,
+    /// A transformer for one PipeFusion stage: only that stage's weights. A loader that cannot
+    /// split its model refuses it.
+    pub stage: Option<PipelineStage>,
 }
 
 impl Default for LoadOptions {
@@ -29,6 +32,7 @@ impl Default for LoadOptions {
         Self {
             dtype: candle_core::DType::F32,
             device: candle_core::Device::Cpu,
+            stage: None,
         }
     }
 }

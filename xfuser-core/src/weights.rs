@@ -2,8 +2,12 @@
 //! sharded, with errors that name the file.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use crate::{Error, Result};
@@ -60,13 +64,79 @@ impl WeightFiles {
             .map_err(|e| self.error(e))
     }
 
+    /// As [`var_builder`](Self::var_builder), and a counter of the bytes of the tensors the
+    /// model actually fetched (in `dtype`): what a partial load (a PipeFusion stage) holds.
+    pub fn counting_var_builder(
+        &self,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(VarBuilder<'static>, LoadedBytes)> {
+        // Opened once through the checked path so that a bad file is named in the error.
+        self.var_builder(dtype, device)?;
+        // SAFETY: as in `var_builder`.
+        let inner = unsafe { MmapedSafetensors::multi(&self.files) }.map_err(|e| self.error(e))?;
+        let loaded = LoadedBytes::default();
+        let backend = CountingBackend {
+            inner,
+            loaded: loaded.clone(),
+        };
+        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+        Ok((vb, loaded))
+    }
+
     /// Wraps an error raised while building a model from these weights (a missing tensor, a
     /// tensor of the wrong shape) with the weights' file name.
     pub fn error(&self, err: candle_core::Error) -> Error {
         Error::Weights {
             file: self.source.clone(),
-            message: err.to_string(),
+            message: crate::error::candle_message(&err),
         }
+    }
+}
+
+/// Bytes of the tensors fetched through a [`WeightFiles::counting_var_builder`]; clones share
+/// the count.
+#[derive(Debug, Clone, Default)]
+pub struct LoadedBytes(Arc<AtomicU64>);
+
+impl LoadedBytes {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, tensor: &Tensor) {
+        let bytes = tensor.elem_count() * tensor.dtype().size_in_bytes();
+        self.0.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
+struct CountingBackend {
+    inner: MmapedSafetensors,
+    loaded: LoadedBytes,
+}
+
+impl SimpleBackend for CountingBackend {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        hints: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = SimpleBackend::get(&self.inner, shape, name, hints, dtype, dev)?;
+        self.loaded.add(&tensor);
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self.inner.get_unchecked(name, dtype, dev)?;
+        self.loaded.add(&tensor);
+        Ok(tensor)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
     }
 }
 

@@ -80,7 +80,7 @@ impl KeyLayout {
 }
 
 /// (B, H, S/U, Dh) -> (B, H/U, S, Dh): every member's tokens, this member's heads.
-fn scatter_heads_gather_sequence(group: &ProcessGroup, xs: &Tensor) -> Result<Tensor> {
+pub(crate) fn scatter_heads_gather_sequence(group: &ProcessGroup, xs: &Tensor) -> Result<Tensor> {
     let heads = xs.dim(1)?;
     if !heads.is_multiple_of(group.size()) {
         return Err(Error::invalid(format!(
@@ -93,7 +93,7 @@ fn scatter_heads_gather_sequence(group: &ProcessGroup, xs: &Tensor) -> Result<Te
 }
 
 /// (B, H/U, S, Dh) -> (B, H, S/U, Dh), the inverse.
-fn scatter_sequence_gather_heads(group: &ProcessGroup, xs: &Tensor) -> Result<Tensor> {
+pub(crate) fn scatter_sequence_gather_heads(group: &ProcessGroup, xs: &Tensor) -> Result<Tensor> {
     group.all_to_all(xs, 2, 1)
 }
 

@@ -7,3 +7,4 @@ pub mod attention_processor;
 pub mod embeddings;
 pub mod feed_forward;
 pub mod normalization;
+pub mod pipefusion_attention;

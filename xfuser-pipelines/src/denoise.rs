@@ -131,7 +131,7 @@ pub fn denoise(
 }
 
 /// Negative then positive along the batch, as diffusers concatenates them.
-fn batched_text(guidance: &Guidance) -> Result<(Tensor, Tensor)> {
+pub(crate) fn batched_text(guidance: &Guidance) -> Result<(Tensor, Tensor)> {
     let pos = &guidance.positive;
     let mask = pos.mask.to_dtype(DType::F32)?;
     match &guidance.negative {
@@ -144,7 +144,7 @@ fn batched_text(guidance: &Guidance) -> Result<(Tensor, Tensor)> {
 }
 
 /// The text conditioning of CFG-parallel member `index`: 0 the negative side, 1 the positive.
-fn own_cfg_half(guidance: &Guidance, index: usize) -> Result<(Tensor, Tensor)> {
+pub(crate) fn own_cfg_half(guidance: &Guidance, index: usize) -> Result<(Tensor, Tensor)> {
     let side = match (index, &guidance.negative) {
         (0, Some(negative)) => negative,
         (1, Some(_)) => &guidance.positive,
@@ -157,7 +157,7 @@ fn own_cfg_half(guidance: &Guidance, index: usize) -> Result<(Tensor, Tensor)> {
     Ok((side.embeds.clone(), side.mask.to_dtype(DType::F32)?))
 }
 
-fn cfg_repeat(t: Option<&Tensor>, cfg: bool) -> Result<Option<Tensor>> {
+pub(crate) fn cfg_repeat(t: Option<&Tensor>, cfg: bool) -> Result<Option<Tensor>> {
     Ok(match t {
         Some(t) if cfg => Some(Tensor::cat(&[t, t], 0)?),
         Some(t) => Some(t.clone()),
@@ -177,7 +177,7 @@ pub fn apply_guidance(prediction: &Tensor, guidance: &Guidance, batch: usize) ->
 
 /// PixArt predicts (noise, variance) when out_channels = 2·latent channels; the loop keeps
 /// the noise half.
-fn drop_learned_sigma(prediction: &Tensor, latent_channels: usize) -> Result<Tensor> {
+pub(crate) fn drop_learned_sigma(prediction: &Tensor, latent_channels: usize) -> Result<Tensor> {
     if prediction.dim(1)? == 2 * latent_channels {
         Ok(prediction.narrow(1, 0, latent_channels)?)
     } else {

@@ -5,6 +5,7 @@ pub mod binning;
 pub mod denoise;
 pub mod hub;
 pub mod image;
+pub mod pipefusion;
 pub mod pipeline_pixart_alpha;
 pub mod pipeline_pixart_sigma;
 pub mod pipeline_utils;

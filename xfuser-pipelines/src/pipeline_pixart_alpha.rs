@@ -5,13 +5,17 @@
 //!
 //! `clean_caption` (diffusers' default, which needs bs4 and ftfy) is not implemented: prompts
 //! are lowercased and stripped, which is what diffusers does with `clean_caption=False`.
+//!
+//! Parallel runs put every rank on a thread (see [`PixArtPipeline::generate`]); with
+//! PipeFusion (`pipefusion_parallel_degree` P > 1) the transformer is loaded once per stage,
+//! each holding only its blocks, and the ranks of stage s run with stage s's part.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use xfuser_core::backbone::{Backbone, ForwardContext, SpContext};
+use xfuser_core::backbone::{Backbone, ForwardContext, PipelineStage, SpContext};
 use xfuser_core::distributed::{
-    launch_local, Axis, LaunchOptions, RankContext, RankMesh, RuntimeState,
+    launch_local, Axis, InputMetadata, LaunchOptions, RankContext, RankMesh, RuntimeState,
 };
 use xfuser_core::engine::{
     EngineConfig, InputConfig, OutputType, ParallelConfig, PipelineOutput, RuntimeConfig,
@@ -24,6 +28,7 @@ use xfuser_core::{Error, Result};
 use crate::binning::{classify_height_width_bin, resize_and_crop_tensor, AspectRatioBin};
 use crate::denoise::{denoise, Guidance, TextConditioning};
 use crate::image::{postprocess_u8, u8_to_rgb};
+use crate::pipefusion::{denoise_pipefusion, PipeFusionConfig};
 use crate::text::t5::T5EncoderModel;
 use crate::text::tokenizer::T5Tokenizer;
 use crate::vae::AutoencoderKL;
@@ -52,7 +57,8 @@ pub struct PixArtPipeline {
     spec: &'static PixArtSpec,
     tokenizer: T5Tokenizer,
     text_encoder: T5EncoderModel,
-    transformer: Box<dyn Backbone>,
+    /// The whole transformer, or with PipeFusion one part per stage, in stage order.
+    transformers: Vec<Box<dyn Backbone>>,
     scheduler_file: PathBuf,
     vae: AutoencoderKL,
     device: Device,
@@ -106,10 +112,31 @@ impl PixArtPipeline {
                 });
             }
         }
+        check_degrees_against_config(&dir.join("transformer/config.json"), &engine.parallel)?;
         let (dtype, device) = (engine.model.dtype, engine.model.device.clone());
         let options = LoadOptions {
             dtype,
             device: device.clone(),
+            stage: None,
+        };
+        let pp = engine.parallel.pipefusion_parallel_degree;
+        let transformers = if pp > 1 {
+            (0..pp)
+                .map(|index| {
+                    let stage = PipelineStage {
+                        index,
+                        num_stages: pp,
+                        layer_counts: engine.parallel.attn_layer_num_for_pp.clone(),
+                    };
+                    let options = LoadOptions {
+                        stage: Some(stage),
+                        ..options.clone()
+                    };
+                    load_transformer(&dir.join("transformer"), &options)
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            vec![load_transformer(&dir.join("transformer"), &options)?]
         };
         let scheduler_file = dir.join("scheduler/scheduler_config.json");
         // Parse it now so a bad scheduler config fails at load time, not mid-generation.
@@ -118,7 +145,7 @@ impl PixArtPipeline {
             spec,
             tokenizer: T5Tokenizer::from_dir(&dir.join("tokenizer"))?,
             text_encoder: T5EncoderModel::from_dir(&dir.join("text_encoder"), dtype, &device)?,
-            transformer: load_transformer(&dir.join("transformer"), &options)?,
+            transformers,
             scheduler_file,
             vae: AutoencoderKL::load(&dir.join("vae"), dtype, &device)?,
             device,
@@ -133,8 +160,14 @@ impl PixArtPipeline {
         Self::load(&PIXART_ALPHA, &dir, engine)
     }
 
+    /// The transformer (with PipeFusion: its first stage, which knows the model's facts).
     pub fn transformer(&self) -> &dyn Backbone {
-        self.transformer.as_ref()
+        self.transformers[0].as_ref()
+    }
+
+    /// The parts of the transformer, one per PipeFusion stage (one in all when P = 1).
+    pub fn stage_transformers(&self) -> impl Iterator<Item = &dyn Backbone> {
+        self.transformers.iter().map(|t| t.as_ref())
     }
 
     fn vae_scale_factor(&self) -> usize {
@@ -174,7 +207,7 @@ impl PixArtPipeline {
     /// The size generated at: the request (or the model's default), moved to the nearest
     /// trained aspect-ratio bin when binning is on. Returns (generated, requested).
     fn generation_size(&self, input: &InputConfig) -> Result<((usize, usize), (usize, usize))> {
-        let info = self.transformer.info();
+        let info = self.transformer().info();
         let default = info.sample_size * self.vae_scale_factor();
         let requested = (
             input.height.unwrap_or(default),
@@ -226,7 +259,7 @@ impl PixArtPipeline {
         height: usize,
         width: usize,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if !self.spec.micro_conditioning || self.transformer.info().sample_size != 128 {
+        if !self.spec.micro_conditioning || self.transformer().info().sample_size != 128 {
             return Ok((None, None));
         }
         let resolution =
@@ -235,6 +268,17 @@ impl PixArtPipeline {
             .repeat((batch, 1))?;
         Ok((Some(resolution), Some(aspect)))
     }
+}
+
+/// Refuses parallel degrees the transformer cannot split (heads for Ulysses and tensor
+/// parallelism, blocks for PipeFusion) from its config alone, before any weights are read.
+fn check_degrees_against_config(config: &Path, parallel: &ParallelConfig) -> Result<()> {
+    if parallel.is_serial() {
+        return Ok(());
+    }
+    let cfg: xfuser_transformers::pixart_transformer_2d::Config =
+        xfuser_core::config::read_json_config(config)?;
+    RankMesh::new(parallel)?.validate_for_shape(cfg.num_attention_heads, cfg.num_layers)
 }
 
 /// `_text_preprocessing` with `clean_caption=False`: lowercase, strip surrounding whitespace.
@@ -248,6 +292,18 @@ impl PixArtPipeline {
     fn plan(&self, input: &InputConfig) -> Result<Plan> {
         input.validate(self.vae_scale_factor())?;
         let ((height, width), (requested_height, requested_width)) = self.generation_size(input)?;
+        // The latent must cut into whole transformer patches. Binned sizes always do; a size
+        // asked for without binning must be a multiple of the VAE factor times the patch size.
+        let multiple = self.vae_scale_factor() * self.transformer().info().patch_size;
+        if height % multiple != 0 || width % multiple != 0 {
+            return Err(Error::invalid(format!(
+                "--height {height} and --width {width} must be multiples of {multiple} for this \
+                 model (VAE scale factor {} × patch size {}); pick such a size or leave \
+                 resolution binning on",
+                self.vae_scale_factor(),
+                self.transformer().info().patch_size
+            )));
+        }
         let max_sequence_length = input
             .max_sequence_length
             .unwrap_or(self.spec.default_max_sequence_length);
@@ -256,7 +312,7 @@ impl PixArtPipeline {
         }
         let batch = input.prompts.len() * input.num_images_per_prompt;
         if !self.parallel.is_serial() {
-            let info = self.transformer.info();
+            let info = self.transformer().info();
             let mesh = RankMesh::new(&self.parallel)?;
             mesh.validate_for_model(
                 info.num_attention_heads,
@@ -269,6 +325,10 @@ impl PixArtPipeline {
                     "--data-parallel-degree {dp} needs at least {dp} images, but the request \
                      makes {batch} (prompts × --num-images-per-prompt)"
                 )));
+            }
+            if self.parallel.pipefusion_parallel_degree > 1 {
+                // Refuses a patch count the image cannot be cut into, before any work.
+                self.runtime_metadata(&mesh, height, width, batch, input)?;
             }
         }
         Ok(Plan {
@@ -302,7 +362,7 @@ impl PixArtPipeline {
         rank: Option<&RankContext>,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Option<(usize, PipelineOutput)>> {
-        let info = self.transformer.info().clone();
+        let info = self.transformer().info().clone();
         let scale = self.vae_scale_factor();
         let n = input.num_images_per_prompt;
         let positive = self.encode_prompt(&input.prompts, n, plan.max_sequence_length)?;
@@ -356,10 +416,6 @@ impl PixArtPipeline {
                 guidance.narrow_batch(slice.start, slice.len)?,
             )
         };
-        let ctx = match rank {
-            Some(rank) => self.forward_context(rank, plan, slice.len, input)?,
-            None => ForwardContext::default(),
-        };
         let cfg_group = rank.map(RankContext::cfg_group).filter(|g| g.size() > 1);
         let failure = self.runtime.inject_failure;
         let this_rank = rank.map_or(0, RankContext::rank);
@@ -372,21 +428,51 @@ impl PixArtPipeline {
             }
             Ok(())
         };
-        let latents = denoise(
-            self.transformer.as_ref(),
-            scheduler.as_ref(),
-            latents,
-            &guidance,
-            &ctx,
-            cfg_group,
-            Some(&mut generator),
-            &mut report,
-        )?;
+        let pp = self.parallel.pipefusion_parallel_degree;
+        let latents = match rank {
+            Some(rank) if pp > 1 => {
+                let metadata =
+                    self.runtime_metadata(rank.mesh(), plan.height, plan.width, slice.len, input)?;
+                let config = PipeFusionConfig {
+                    backbone: self.transformers[rank.coords().pp].as_ref(),
+                    scheduler: scheduler.as_ref(),
+                    rank,
+                    metadata: &metadata,
+                    warmup_steps: self.parallel.warmup_steps,
+                    zero_stale_kv: self.runtime.pipefusion_zero_stale_kv,
+                };
+                denoise_pipefusion(
+                    &config,
+                    latents,
+                    &guidance,
+                    Some(&mut generator),
+                    &mut report,
+                )?
+            }
+            _ => {
+                let ctx = match rank {
+                    Some(rank) => self.forward_context(rank, plan, slice.len, input)?,
+                    None => ForwardContext::default(),
+                };
+                Some(denoise(
+                    self.transformer(),
+                    scheduler.as_ref(),
+                    latents,
+                    &guidance,
+                    &ctx,
+                    cfg_group,
+                    Some(&mut generator),
+                    &mut report,
+                )?)
+            }
+        };
 
-        let leads_group = coords.is_none_or(|c| c.cfg == 0 && c.sp == 0 && c.pp == 0 && c.tp == 0);
-        if !leads_group {
+        // The output lives on the last pipeline stage (the only one with PipeFusion).
+        let leads_group =
+            coords.is_none_or(|c| c.cfg == 0 && c.sp == 0 && c.pp + 1 == pp && c.tp == 0);
+        let (true, Some(latents)) = (leads_group, latents) else {
             return Ok(None);
-        }
+        };
         let images = match input.output_type {
             OutputType::Latent => Vec::new(),
             OutputType::Pil => self.decode(plan, &latents)?,
@@ -401,6 +487,26 @@ impl PixArtPipeline {
         )))
     }
 
+    /// The runtime state's metadata of this request's shape on `mesh`: the sp split and the
+    /// PipeFusion patches.
+    fn runtime_metadata(
+        &self,
+        mesh: &RankMesh,
+        height: usize,
+        width: usize,
+        batch: usize,
+        input: &InputConfig,
+    ) -> Result<InputMetadata> {
+        let mut state = RuntimeState::new(
+            mesh,
+            self.transformer().info().patch_size,
+            self.parallel.num_pipeline_patch,
+        );
+        Ok(state
+            .set_input_parameters(height, width, batch, input.num_inference_steps)?
+            .clone())
+    }
+
     /// The sequence-parallel forward context of `rank` for this request's shape, or the
     /// serial one when the sp degree is 1.
     fn forward_context(
@@ -413,7 +519,7 @@ impl PixArtPipeline {
         if rank.mesh().degree(Axis::Sp) == 1 {
             return Ok(ForwardContext::default());
         }
-        let mut state = RuntimeState::new(rank.mesh(), self.transformer.info().patch_size, None);
+        let mut state = RuntimeState::new(rank.mesh(), self.transformer().info().patch_size, None);
         let metadata = state.set_input_parameters(
             plan.height,
             plan.width,

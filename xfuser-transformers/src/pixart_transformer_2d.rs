@@ -15,16 +15,23 @@
 //! parallel processor, cross-attention needs nothing (the text is replicated), and `head`
 //! projects the local tokens, all-gathers them over the sp group, drops the padding and
 //! unpatchifies, so every sp rank returns the whole output.
+//!
+//! PipeFusion stages ([`LoadOptions::stage`]): a stage loads only its blocks, the patch
+//! embedding on the first stage and the final layer on the last; every stage loads the small
+//! conditioning modules (adaLN-single, caption projection), so that the conditioning never
+//! travels between stages ([`Backbone::embed_conditioning`]).
 
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Mutex;
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Module, Tensor, TensorId};
 use candle_nn::{Linear, VarBuilder};
-use xfuser_core::attention::{scaled_dot_product_attention, AttentionProcessor, SerialAttention};
+use xfuser_core::attention::{AttentionProcessor, SerialAttention};
 use xfuser_core::backbone::{
-    Backbone, BackboneInfo, BackboneInputs, BlockState, ForwardContext, SpContext,
+    Backbone, BackboneInfo, BackboneInputs, BlockState, ForwardContext, PipelineStage, SpContext,
 };
+use xfuser_core::kernels;
 use xfuser_core::registry::{ClassAlias, Kind, LoadOptions, TransformerEntry};
 use xfuser_core::weights::WeightFiles;
 use xfuser_core::{Error, Result};
@@ -250,16 +257,29 @@ impl Config {
     }
 }
 
-/// Multi-head attention with diffusers' `Attention` names (`to_q`, `to_k`, `to_v`, `to_out.0`).
-#[derive(Debug, Clone)]
+/// Multi-head attention with diffusers' `Attention` weights (`to_q`, `to_k`, `to_v`,
+/// `to_out.0`). The projections that read the same input run as one matrix product (q, k
+/// and v for self-attention; k and v for cross-attention), and the head split and the biases
+/// are one pass ([`kernels::split_heads`]).
+#[derive(Debug)]
 struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    /// Self-attention: [to_q; to_k; to_v] (3·inner, D); cross-attention: to_q (inner, D).
+    w_in: Tensor,
+    b_in: Option<Tensor>,
+    /// Cross-attention: [to_k; to_v] (2·inner, kv_dim) and their biases.
+    kv: Option<(Tensor, Option<Tensor>)>,
     to_out: Linear,
     heads: usize,
     head_dim: usize,
+    /// Cross-attention: the text keys and values of the last encoder tensors seen, by tensor
+    /// id. The text is the same tensor at every step of a denoising loop, so they are
+    /// computed once per loop (candle tensors are immutable: an id names one content).
+    kv_cache: Mutex<Vec<(TensorId, Tensor, Tensor)>>,
 }
+
+/// Encoder tensors whose text keys/values a cross-attention keeps (e.g. both CFG halves of
+/// two rank threads sharing a model).
+const KV_CACHE_ENTRIES: usize = 2;
 
 impl Attention {
     fn new(
@@ -268,17 +288,42 @@ impl Attention {
         heads: usize,
         head_dim: usize,
         bias: bool,
+        cross: bool,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let inner = heads * head_dim;
         let proj = |in_dim, name| candle_nn::linear_b(in_dim, inner, bias, vb.pp(name));
+        let (to_q, to_k, to_v) = (
+            proj(query_dim, "to_q")?,
+            proj(kv_dim, "to_k")?,
+            proj(kv_dim, "to_v")?,
+        );
+        let fuse = |ls: &[&Linear]| -> candle_core::Result<(Tensor, Option<Tensor>)> {
+            let w = Tensor::cat(&ls.iter().map(|l| l.weight()).collect::<Vec<_>>(), 0)?;
+            let w = kernels::gemm_friendly_weight(&w)?;
+            let b = match ls.iter().map(|l| l.bias()).collect::<Option<Vec<_>>>() {
+                Some(bs) => Some(Tensor::cat(&bs, 0)?),
+                None => None,
+            };
+            Ok((w, b))
+        };
+        let ((w_in, b_in), kv) = if cross {
+            (fuse(&[&to_q])?, Some(fuse(&[&to_k, &to_v])?))
+        } else {
+            (fuse(&[&to_q, &to_k, &to_v])?, None)
+        };
         Ok(Self {
-            to_q: proj(query_dim, "to_q")?,
-            to_k: proj(kv_dim, "to_k")?,
-            to_v: proj(kv_dim, "to_v")?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            w_in,
+            b_in,
+            kv,
+            to_out: kernels::gemm_friendly_linear(&candle_nn::linear(
+                inner,
+                query_dim,
+                vb.pp("to_out.0"),
+            )?)?,
             heads,
             head_dim,
+            kv_cache: Mutex::new(Vec::new()),
         })
     }
 
@@ -286,54 +331,88 @@ impl Attention {
         1.0 / (self.head_dim as f64).sqrt()
     }
 
-    /// (B, S, H·Dh) -> (B, H, S, Dh), a view.
-    fn split_heads(&self, xs: Tensor) -> candle_core::Result<Tensor> {
-        let (b, s, _) = xs.dims3()?;
-        xs.reshape((b, s, self.heads, self.head_dim))?
-            .transpose(1, 2)
+    /// (B, S, Din) -> `parts` tensors (B, H, S, Dh), contiguous, through `w` and `b`.
+    fn project_heads(
+        &self,
+        xs: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        parts: usize,
+    ) -> candle_core::Result<Vec<Tensor>> {
+        kernels::split_heads(&kernels::matmul_t(xs, w)?, b, parts, self.heads)
     }
 
-    /// (B, H, S, Dh) -> (B, S, H·Dh) -> to_out.
+    /// (B, H, S, Dh) -> (B, S, H·Dh) -> to_out's matrix product, its bias not yet added.
     fn merge_heads_and_project(&self, xs: Tensor) -> candle_core::Result<Tensor> {
         let (b, _, s, _) = xs.dims4()?;
-        let merged = xs
-            .transpose(1, 2)?
-            .reshape((b, s, self.heads * self.head_dim))?;
-        self.to_out.forward(&merged)
+        let merged =
+            xs.transpose(1, 2)?
+                .contiguous()?
+                .reshape((b, s, self.heads * self.head_dim))?;
+        kernels::matmul_t(&merged, self.to_out.weight())
     }
 
-    /// Self-attention over the image tokens, through the runtime's processor.
+    fn out_bias(&self) -> Option<&Tensor> {
+        self.to_out.bias()
+    }
+
+    /// Self-attention over the image tokens, through the runtime's processor; returns the
+    /// output without to_out's bias ([`Self::out_bias`]).
     fn self_attention(
         &self,
         xs: &Tensor,
         layer: usize,
         processor: &dyn AttentionProcessor,
     ) -> Result<Tensor> {
-        let q = self.split_heads(self.to_q.forward(xs)?)?;
-        let k = self.split_heads(self.to_k.forward(xs)?)?;
-        let v = self.split_heads(self.to_v.forward(xs)?)?;
-        let out = processor.self_attention(layer, &q, &k, &v, self.scale())?;
+        let qkv = self.project_heads(xs, &self.w_in, self.b_in.as_ref(), 3)?;
+        if processor.name() == SerialAttention.name() {
+            // The serial processor's math, fused, with the heads merged on the way.
+            let out = kernels::attention_merged(&qkv[0], &qkv[1], &qkv[2], None, self.scale())?;
+            return Ok(kernels::matmul_t(&out, self.to_out.weight())?);
+        }
+        let out = processor.self_attention(layer, &qkv[0], &qkv[1], &qkv[2], self.scale())?;
         Ok(self.merge_heads_and_project(out)?)
     }
 
+    /// The text keys and values (B, H, L, Dh), from the cache when `encoder` was seen.
+    fn text_kv(&self, encoder: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let id = encoder.id();
+        let mut cache = self.kv_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, k, v)) = cache.iter().find(|(i, _, _)| *i == id) {
+            return Ok((k.clone(), v.clone()));
+        }
+        let (w, b) = self.kv.as_ref().expect("cross-attention has k/v weights");
+        let mut kv = self.project_heads(encoder, w, b.as_ref(), 2)?;
+        let v = kv.pop().expect("two parts");
+        let k = kv.pop().expect("two parts");
+        if cache.len() == KV_CACHE_ENTRIES {
+            cache.remove(0);
+        }
+        cache.push((id, k.clone(), v.clone()));
+        Ok((k, v))
+    }
+
     /// Cross-attention from the image tokens to the text tokens; `bias` masks text padding.
+    /// Returns the output without to_out's bias ([`Self::out_bias`]).
     fn cross_attention(
         &self,
         xs: &Tensor,
         encoder: &Tensor,
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let q = self.split_heads(self.to_q.forward(xs)?)?;
-        let k = self.split_heads(self.to_k.forward(encoder)?)?;
-        let v = self.split_heads(self.to_v.forward(encoder)?)?;
-        let out = scaled_dot_product_attention(&q, &k, &v, bias, self.scale())?;
-        Ok(self.merge_heads_and_project(out)?)
+        let q = self
+            .project_heads(xs, &self.w_in, self.b_in.as_ref(), 1)?
+            .pop()
+            .expect("one part");
+        let (k, v) = self.text_kv(encoder)?;
+        let out = kernels::attention_merged(&q, &k, &v, bias, self.scale())?;
+        Ok(kernels::matmul_t(&out, self.to_out.weight())?)
     }
 }
 
 /// diffusers' `BasicTransformerBlock` with `norm_type="ada_norm_single"`: modulated
 /// self-attention, un-normalized cross-attention to the text, modulated feed-forward.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct BasicTransformerBlock {
     norm1: LayerNorm,
     attn1: Attention,
@@ -362,6 +441,7 @@ impl BasicTransformerBlock {
                 heads,
                 head_dim,
                 cfg.attention_bias,
+                true,
                 vb.pp("attn2"),
             )?),
             None => None,
@@ -374,6 +454,7 @@ impl BasicTransformerBlock {
                 heads,
                 head_dim,
                 cfg.attention_bias,
+                false,
                 vb.pp("attn1"),
             )?,
             norm2: norm("norm2")?,
@@ -398,23 +479,33 @@ impl BasicTransformerBlock {
             .block_conditioning
             .reshape((batch, 6, self.dim))?
             .broadcast_add(&self.scale_shift_table)?;
-        let m = modulation.chunk(6, 1)?;
+        let m = (0..6)
+            .map(|i| modulation.narrow(1, i, 1)?.contiguous())
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
 
-        let normed = modulate(&self.norm1.forward(hidden)?, shift_msa, scale_msa)?;
+        let normed = self.norm1.forward_modulated(hidden, shift_msa, scale_msa)?;
         let attn = self.attn1.self_attention(&normed, layer, processor)?;
-        let mut hidden = gate_msa.broadcast_mul(&attn)?.add(hidden)?;
+        let mut hidden =
+            kernels::gated_residual(hidden, Some(gate_msa), &attn, self.attn1.out_bias())?;
 
         if let Some(attn2) = &self.attn2 {
             let attn =
                 attn2.cross_attention(&hidden, &state.encoder, state.encoder_bias.as_ref())?;
-            hidden = (attn + hidden)?;
+            hidden = kernels::gated_residual(&hidden, None, &attn, attn2.out_bias())?;
         }
 
-        let normed = modulate(&self.norm2.forward(&hidden)?, shift_mlp, scale_mlp)?;
-        let ff = self.ff.forward(&normed)?;
-        Ok(gate_mlp.broadcast_mul(&ff)?.add(&hidden)?)
+        let normed = self
+            .norm2
+            .forward_modulated(&hidden, shift_mlp, scale_mlp)?;
+        let (ff, ff_bias) = self.ff.forward_without_out_bias(&normed)?;
+        Ok(kernels::gated_residual(
+            &hidden,
+            Some(gate_mlp),
+            &ff,
+            ff_bias,
+        )?)
     }
 }
 
@@ -423,25 +514,40 @@ fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<
     xs.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
 }
 
-/// diffusers' `PixArtTransformer2DModel`.
+/// diffusers' `PixArtTransformer2DModel`, or one PipeFusion stage of it.
 #[derive(Debug)]
 pub struct PixArtTransformer2DModel {
     info: BackboneInfo,
     config: Config,
-    pos_embed: PatchEmbed,
+    /// None on PipeFusion stages after the first.
+    pos_embed: Option<PatchEmbed>,
     adaln_single: AdaLayerNormSingle,
     caption_projection: Option<PixArtAlphaTextProjection>,
+    /// The blocks `layers` (all of them unless this is a PipeFusion stage).
     transformer_blocks: Vec<BasicTransformerBlock>,
+    layers: Range<usize>,
     norm_out: LayerNorm,
-    /// (2, D): shift and scale offsets of the final norm.
-    scale_shift_table: Tensor,
-    proj_out: Linear,
+    /// (2, D): shift and scale offsets of the final norm, and the projection; None on
+    /// PipeFusion stages before the last.
+    final_layer: Option<(Tensor, Linear)>,
+    /// Bytes of the weights loaded, when loaded from files.
+    parameter_bytes: Option<u64>,
     dtype: DType,
 }
 
 impl PixArtTransformer2DModel {
     /// Builds the model from `vb` (the weights' root, names as in diffusers' state dict).
     pub fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
+        Self::new_stage(cfg, vb, None)
+    }
+
+    /// Builds the whole model (`stage` None) or one PipeFusion stage of it, fetching only
+    /// the weights that stage holds.
+    pub fn new_stage(
+        cfg: &Config,
+        vb: VarBuilder,
+        stage: Option<&PipelineStage>,
+    ) -> candle_core::Result<Self> {
         cfg.validate().map_err(|p| {
             candle_core::Error::Msg(format!("config field `{}`: {}", p.field, p.message))
         })?;
@@ -450,17 +556,37 @@ impl PixArtTransformer2DModel {
         let dim = cfg.inner_dim();
         let p = cfg.patch_size;
         let out_channels = cfg.out_channels();
-        let pos_embed = PatchEmbed::new(
-            cfg.sample_size,
-            p,
-            cfg.in_channels,
-            dim,
-            cfg.interpolation_scale(),
-            vb.pp("pos_embed"),
-        )?;
-        let transformer_blocks = (0..cfg.num_layers)
+        let layers = match stage {
+            Some(s) => s
+                .layers(cfg.num_layers)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+            None => 0..cfg.num_layers,
+        };
+        let (first, last) = stage.map_or((true, true), |s| (s.is_first(), s.is_last()));
+        let pos_embed = first
+            .then(|| {
+                PatchEmbed::new(
+                    cfg.sample_size,
+                    p,
+                    cfg.in_channels,
+                    dim,
+                    cfg.interpolation_scale(),
+                    vb.pp("pos_embed"),
+                )
+            })
+            .transpose()?;
+        let transformer_blocks = layers
+            .clone()
             .map(|i| BasicTransformerBlock::new(cfg, activation, vb.pp("transformer_blocks").pp(i)))
             .collect::<candle_core::Result<Vec<_>>>()?;
+        let final_layer = last
+            .then(|| -> candle_core::Result<_> {
+                Ok((
+                    vb.get((2, dim), "scale_shift_table")?,
+                    candle_nn::linear(dim, p * p * out_channels, vb.pp("proj_out"))?,
+                ))
+            })
+            .transpose()?;
         let caption_projection = match cfg.caption_channels {
             Some(c) => Some(PixArtAlphaTextProjection::new(
                 c,
@@ -494,15 +620,16 @@ impl PixArtTransformer2DModel {
             )?,
             caption_projection,
             transformer_blocks,
+            layers,
             norm_out: LayerNorm::without_affine(1e-6),
-            scale_shift_table: vb.get((2, dim), "scale_shift_table")?,
-            proj_out: candle_nn::linear(dim, p * p * out_channels, vb.pp("proj_out"))?,
+            final_layer,
+            parameter_bytes: None,
             dtype: vb.dtype(),
         })
     }
 
-    /// Reads `dir/config.json` and the weights in `dir`; errors name the file, and the field or
-    /// tensor at fault.
+    /// Reads `dir/config.json` and the weights in `dir` (only a stage's, with
+    /// `options.stage`); errors name the file, and the field or tensor at fault.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
         let file = dir.join("config.json");
         let config: Config = xfuser_core::config::read_json_config(&file)?;
@@ -511,9 +638,16 @@ impl PixArtTransformer2DModel {
             field: p.field.to_string(),
             message: p.message,
         })?;
+        if let Some(stage) = &options.stage {
+            // A stage that does not fit the model is a configuration error, not the weights'.
+            stage.layers(config.num_layers)?;
+        }
         let weights = WeightFiles::find(dir, "diffusion_pytorch_model")?;
-        let vb = weights.var_builder(options.dtype, &options.device)?;
-        Self::new(&config, vb).map_err(|e| weights.error(e))
+        let (vb, loaded) = weights.counting_var_builder(options.dtype, &options.device)?;
+        let mut model =
+            Self::new_stage(&config, vb, options.stage.as_ref()).map_err(|e| weights.error(e))?;
+        model.parameter_bytes = Some(loaded.get());
+        Ok(model)
     }
 
     pub fn config(&self) -> &Config {
@@ -553,70 +687,25 @@ impl PixArtTransformer2DModel {
         Ok(bias.reshape((b, 1, 1, l))?)
     }
 
-    /// This sp rank's tokens of the (B, C, H, W) latent: its token rows of the patch grid,
-    /// then zero padding up to `sp.padded_len()`: (B, padded_len, D). The split is normally
-    /// of the whole grid (`InputMetadata::full`); a split of some of its rows (a PipeFusion
-    /// patch) makes the forward return those rows only.
-    fn embed_sp_slice(&self, latent: &Tensor, sp: &SpContext) -> Result<Tensor> {
-        let (batch, _, height, width) = latent.dims4()?;
-        let p = self.config.patch_size;
-        let (grid_rows, cols) = (height / p, width / p);
-        let patch = sp.patch();
-        if patch.token_rows.end > grid_rows || patch.tokens.len != patch.token_rows.len() * cols {
-            return Err(Error::invalid(format!(
-                "the sp split covers token rows {:?} ({} tokens) but the latent {:?} has a \
-                 {grid_rows}x{cols} patch grid: compute the runtime state for this input shape",
-                patch.token_rows,
-                patch.tokens.len,
-                latent.dims()
-            )));
-        }
-        let slice = sp.slice();
-        let dim = self.info.num_attention_heads * self.info.attention_head_dim;
-        if slice.token_rows.is_empty() {
-            return Ok(Tensor::zeros(
-                (batch, slice.padded_len, dim),
-                self.dtype,
-                latent.device(),
-            )?);
-        }
-        let tokens = self
-            .pos_embed
-            .forward_rows(latent, slice.token_rows.clone())?;
-        Ok(tokens.pad_with_zeros(1, 0, slice.padding())?)
-    }
-}
-
-impl Backbone for PixArtTransformer2DModel {
-    fn info(&self) -> &BackboneInfo {
-        &self.info
+    fn patch_embedding(&self) -> Result<&PatchEmbed> {
+        self.pos_embed.as_ref().ok_or_else(|| {
+            Error::invalid(format!(
+                "this PipeFusion stage of {CLASS_NAME} (blocks {:?}) holds no patch embedding: \
+                 only the first stage embeds the image",
+                self.layers
+            ))
+        })
     }
 
-    fn embed(&self, inputs: &BackboneInputs, ctx: &ForwardContext) -> Result<BlockState> {
-        if let Some(sp) = &ctx.sp {
-            sp.check_heads(self.info.num_attention_heads)?;
-        }
-        let (batch, channels, height, width) = inputs.hidden_states.dims4()?;
-        let p = self.config.patch_size;
-        if channels != self.config.in_channels
-            || !height.is_multiple_of(p)
-            || !width.is_multiple_of(p)
-        {
-            return Err(Error::invalid(format!(
-                "hidden_states {:?}: expected (B, {}, H, W) with H and W multiples of {p}",
-                inputs.hidden_states.dims(),
-                self.config.in_channels
-            )));
-        }
-        let latent = inputs.hidden_states.to_dtype(self.dtype)?;
-        let (hidden, grid) = match &ctx.sp {
-            None => (self.pos_embed.forward(&latent)?, (height / p, width / p)),
-            Some(sp) => (
-                self.embed_sp_slice(&latent, sp)?,
-                (sp.patch().token_rows.len(), width / p),
-            ),
-        };
-
+    /// The conditioning part of `embed`: adaLN-single, caption projection, text mask bias,
+    /// around the image tokens `hidden` of a `grid`.
+    fn conditioned_state(
+        &self,
+        inputs: &BackboneInputs,
+        hidden: Tensor,
+        grid: (usize, usize),
+    ) -> Result<BlockState> {
+        let batch = inputs.hidden_states.dim(0)?;
         let timestep = self.batch_timesteps(inputs.timestep, batch)?;
         if self.adaln_single.uses_additional_conditions()
             && (inputs.resolution.is_none() || inputs.aspect_ratio.is_none())
@@ -652,18 +741,124 @@ impl Backbone for PixArtTransformer2DModel {
         })
     }
 
+    /// This sp rank's tokens of the (B, C, H, W) latent: its token rows of the patch grid,
+    /// then zero padding up to `sp.padded_len()`: (B, padded_len, D). The split is normally
+    /// of the whole grid (`InputMetadata::full`); a split of some of its rows (a PipeFusion
+    /// patch) makes the forward return those rows only.
+    fn embed_sp_slice(&self, latent: &Tensor, sp: &SpContext) -> Result<Tensor> {
+        let (batch, _, height, width) = latent.dims4()?;
+        let p = self.config.patch_size;
+        let (grid_rows, cols) = (height / p, width / p);
+        let patch = sp.patch();
+        if patch.token_rows.end > grid_rows || patch.tokens.len != patch.token_rows.len() * cols {
+            return Err(Error::invalid(format!(
+                "the sp split covers token rows {:?} ({} tokens) but the latent {:?} has a \
+                 {grid_rows}x{cols} patch grid: compute the runtime state for this input shape",
+                patch.token_rows,
+                patch.tokens.len,
+                latent.dims()
+            )));
+        }
+        let slice = sp.slice();
+        let dim = self.info.num_attention_heads * self.info.attention_head_dim;
+        if slice.token_rows.is_empty() {
+            return Ok(Tensor::zeros(
+                (batch, slice.padded_len, dim),
+                self.dtype,
+                latent.device(),
+            )?);
+        }
+        let tokens = self
+            .patch_embedding()?
+            .forward_rows(latent, slice.token_rows.clone())?;
+        Ok(tokens.pad_with_zeros(1, 0, slice.padding())?)
+    }
+}
+
+impl Backbone for PixArtTransformer2DModel {
+    fn info(&self) -> &BackboneInfo {
+        &self.info
+    }
+
+    fn embed(&self, inputs: &BackboneInputs, ctx: &ForwardContext) -> Result<BlockState> {
+        if let Some(sp) = &ctx.sp {
+            sp.check_heads(self.info.num_attention_heads)?;
+        }
+        let (_, channels, height, width) = inputs.hidden_states.dims4()?;
+        let p = self.config.patch_size;
+        if channels != self.config.in_channels
+            || !height.is_multiple_of(p)
+            || !width.is_multiple_of(p)
+        {
+            return Err(Error::invalid(format!(
+                "hidden_states {:?}: expected (B, {}, H, W) with H and W multiples of {p}",
+                inputs.hidden_states.dims(),
+                self.config.in_channels
+            )));
+        }
+        let latent = inputs.hidden_states.to_dtype(self.dtype)?;
+        let (hidden, grid) = match &ctx.sp {
+            None => (
+                self.patch_embedding()?.forward(&latent)?,
+                (height / p, width / p),
+            ),
+            Some(sp) => (
+                self.embed_sp_slice(&latent, sp)?,
+                (sp.patch().token_rows.len(), width / p),
+            ),
+        };
+        self.conditioned_state(inputs, hidden, grid)
+    }
+
+    fn embed_conditioning(
+        &self,
+        inputs: &BackboneInputs,
+        ctx: &ForwardContext,
+    ) -> Result<BlockState> {
+        let (batch, _, height, width) = inputs.hidden_states.dims4()?;
+        let p = self.config.patch_size;
+        let rows = ctx
+            .sp
+            .as_ref()
+            .map_or(height / p, |sp| sp.patch().token_rows.len());
+        let dim = self.info.num_attention_heads * self.info.attention_head_dim;
+        // (B, 0, D): the image tokens come from the previous stage.
+        let hidden = Tensor::zeros((batch, 0, dim), self.dtype, inputs.hidden_states.device())?;
+        self.conditioned_state(inputs, hidden, (rows, width / p))
+    }
+
+    fn held_layers(&self) -> Range<usize> {
+        self.layers.clone()
+    }
+
+    fn parameter_bytes(&self) -> Option<u64> {
+        self.parameter_bytes
+    }
+
     fn blocks(
         &self,
         mut state: BlockState,
         layers: Range<usize>,
         ctx: &ForwardContext,
     ) -> Result<BlockState> {
-        let blocks = self.transformer_blocks.get(layers.clone()).ok_or_else(|| {
-            Error::invalid(format!(
-                "blocks {layers:?} out of range: the model has {} layers",
-                self.transformer_blocks.len()
-            ))
-        })?;
+        let held = &self.layers;
+        let blocks = (layers.start >= held.start && layers.end <= held.end)
+            .then(|| {
+                self.transformer_blocks
+                    .get(layers.start - held.start..layers.end - held.start)
+            })
+            .flatten()
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "blocks {layers:?} are not held here: this {} holds blocks {held:?} of {}",
+                    if held.len() == self.info.num_layers {
+                        "model"
+                    } else {
+                        "PipeFusion stage"
+                    },
+                    self.info.num_layers
+                ))
+            })?;
         if ctx.sp.as_ref().is_some_and(|sp| sp.sp_group().size() > 1) && ctx.attention.is_none() {
             return Err(Error::invalid(
                 "a sequence-parallel forward needs a parallel attention processor; build the \
@@ -693,14 +888,20 @@ impl Backbone for PixArtTransformer2DModel {
                 }
             )));
         }
+        let (scale_shift_table, proj_out) = self.final_layer.as_ref().ok_or_else(|| {
+            Error::invalid(format!(
+                "this PipeFusion stage of {CLASS_NAME} (blocks {:?}) holds no final layer: only \
+                 the last stage runs the head",
+                self.layers
+            ))
+        })?;
         // (2, D) + (B, 1, D) -> shift, scale (B, 1, D)
-        let table = self
-            .scale_shift_table
+        let table = scale_shift_table
             .unsqueeze(0)?
             .broadcast_add(&state.head_conditioning.reshape((batch, 1, dim))?)?;
         let (shift, scale) = (table.narrow(1, 0, 1)?, table.narrow(1, 1, 1)?);
         let hidden = modulate(&self.norm_out.forward(&state.hidden)?, &shift, &scale)?;
-        let hidden = self.proj_out.forward(&hidden)?;
+        let hidden = proj_out.forward(&hidden)?;
         // Gathering after the projection moves p²·C_out values per token instead of D.
         let hidden = match &ctx.sp {
             None => hidden,

@@ -286,7 +286,7 @@ fn attention_processors_are_registered() {
     assert!(registry::registered(Kind::Transformer).contains(&CLASS_NAME));
     assert_eq!(
         registry::registered(Kind::AttentionProcessor),
-        vec!["ring", "serial", "ulysses", "usp"]
+        vec!["pipefusion", "ring", "serial", "ulysses", "usp"]
     );
     let err = registry::attention_processor_entry("flash")
         .err()

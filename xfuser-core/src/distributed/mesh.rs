@@ -278,6 +278,13 @@ impl RankMesh {
         num_layers: usize,
         guidance_scale: f64,
     ) -> Result<()> {
+        self.validate_for_shape(num_attention_heads, num_layers)?;
+        self.validate_for_guidance(guidance_scale)
+    }
+
+    /// The part of [`validate_for_model`](Self::validate_for_model) that needs only the
+    /// model's config, so that loaders can refuse a configuration before reading any weights.
+    pub fn validate_for_shape(&self, num_attention_heads: usize, num_layers: usize) -> Result<()> {
         if !num_attention_heads.is_multiple_of(self.tp) {
             return Err(Error::invalid(format!(
                 "--tensor-parallel-degree {} does not divide the {num_attention_heads} attention \
@@ -310,6 +317,11 @@ impl RankMesh {
                 self.pp
             )));
         }
+        Ok(())
+    }
+
+    /// CFG parallel splits the two halves of classifier-free guidance, so it needs guidance.
+    pub fn validate_for_guidance(&self, guidance_scale: f64) -> Result<()> {
         if self.cfg == 2 && guidance_scale <= 1.0 {
             return Err(Error::invalid(format!(
                 "CFG parallel needs classifier-free guidance: guidance_scale > 1 (got \
@@ -351,6 +363,7 @@ mod tests {
             ulysses_degree: u,
             ring_degree: r,
             tensor_parallel_degree: tp,
+            ..Default::default()
         }
     }
 
