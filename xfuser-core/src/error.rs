@@ -63,8 +63,34 @@ pub enum Error {
     #[error("rank {rank} panicked: {message}")]
     RankPanicked { rank: usize, message: String },
 
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    /// A tensor operation failed; the message is candle's, on one line and without the
+    /// backtrace candle attaches when RUST_BACKTRACE is set.
+    #[error("{}", candle_message(.0))]
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(err: candle_core::Error) -> Self {
+        Error::Candle(err)
+    }
+}
+
+/// candle's error message without backtraces, its context and path wrappers joined on one
+/// line (they display across several lines).
+pub fn candle_message(err: &candle_core::Error) -> String {
+    use candle_core::Error as C;
+    match err {
+        C::WithBacktrace { inner, .. } => candle_message(inner),
+        C::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        C::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
+        other => other
+            .to_string()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(": "),
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -79,5 +105,25 @@ impl Error {
 
     pub fn invalid(message: impl Into<String>) -> Self {
         Error::InvalidArgument(message.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candle_errors_read_on_one_line_without_backtrace() {
+        let inner = candle_core::Error::Msg("cannot find tensor x.weight".into());
+        let wrapped = candle_core::Error::WithBacktrace {
+            inner: Box::new(inner),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        }
+        .context("loading the transformer");
+        let message = Error::from(wrapped).to_string();
+        assert_eq!(
+            message,
+            "loading the transformer: cannot find tensor x.weight"
+        );
     }
 }
