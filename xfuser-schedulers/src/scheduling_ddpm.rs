@@ -23,32 +23,8 @@ use crate::StepWithNoise;
 
 pub const CLASS_NAME: &str = "DDPMScheduler";
 
-fn default_num_train_timesteps() -> usize {
-    1000
-}
-fn default_beta_start() -> f64 {
-    0.0001
-}
-fn default_beta_end() -> f64 {
-    0.02
-}
-fn default_beta_schedule() -> String {
-    "linear".into()
-}
 fn default_variance_type() -> String {
     "fixed_small".into()
-}
-fn default_true() -> bool {
-    true
-}
-fn default_prediction_type() -> String {
-    "epsilon".into()
-}
-fn default_dynamic_thresholding_ratio() -> f64 {
-    0.995
-}
-fn default_one() -> f64 {
-    1.0
 }
 fn default_timestep_spacing() -> String {
     "leading".into()
@@ -57,29 +33,29 @@ fn default_timestep_spacing() -> String {
 /// `scheduler_config.json` of a `DDPMScheduler`, field for field.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
-    #[serde(default = "default_num_train_timesteps")]
+    #[serde(default = "su::defaults::num_train_timesteps")]
     pub num_train_timesteps: usize,
-    #[serde(default = "default_beta_start")]
+    #[serde(default = "su::defaults::beta_start")]
     pub beta_start: f64,
-    #[serde(default = "default_beta_end")]
+    #[serde(default = "su::defaults::beta_end")]
     pub beta_end: f64,
-    #[serde(default = "default_beta_schedule")]
+    #[serde(default = "su::defaults::beta_schedule")]
     pub beta_schedule: String,
     #[serde(default)]
     pub trained_betas: Option<Vec<f64>>,
     #[serde(default = "default_variance_type")]
     pub variance_type: String,
-    #[serde(default = "default_true")]
+    #[serde(default = "su::defaults::enabled")]
     pub clip_sample: bool,
-    #[serde(default = "default_prediction_type")]
+    #[serde(default = "su::defaults::prediction_type")]
     pub prediction_type: String,
     #[serde(default)]
     pub thresholding: bool,
-    #[serde(default = "default_dynamic_thresholding_ratio")]
+    #[serde(default = "su::defaults::dynamic_thresholding_ratio")]
     pub dynamic_thresholding_ratio: f64,
-    #[serde(default = "default_one")]
+    #[serde(default = "su::defaults::one")]
     pub clip_sample_range: f64,
-    #[serde(default = "default_one")]
+    #[serde(default = "su::defaults::one")]
     pub sample_max_value: f64,
     #[serde(default = "default_timestep_spacing")]
     pub timestep_spacing: String,

@@ -26,38 +26,14 @@ use crate::scheduling_utils::{self as su, BetaConfig, BetaSchedule, Spacing};
 
 pub const CLASS_NAME: &str = "DPMSolverMultistepScheduler";
 
-fn default_num_train_timesteps() -> usize {
-    1000
-}
-fn default_beta_start() -> f64 {
-    0.0001
-}
-fn default_beta_end() -> f64 {
-    0.02
-}
-fn default_beta_schedule() -> String {
-    "linear".into()
-}
 fn default_solver_order() -> usize {
     2
-}
-fn default_prediction_type() -> String {
-    "epsilon".into()
-}
-fn default_dynamic_thresholding_ratio() -> f64 {
-    0.995
-}
-fn default_one() -> f64 {
-    1.0
 }
 fn default_algorithm_type() -> String {
     "dpmsolver++".into()
 }
 fn default_solver_type() -> String {
     "midpoint".into()
-}
-fn default_true() -> bool {
-    true
 }
 fn default_final_sigmas_type() -> String {
     "zero".into()
@@ -75,31 +51,31 @@ fn default_time_shift_type() -> String {
 /// `scheduler_config.json` of a `DPMSolverMultistepScheduler`, field for field.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
-    #[serde(default = "default_num_train_timesteps")]
+    #[serde(default = "su::defaults::num_train_timesteps")]
     pub num_train_timesteps: usize,
-    #[serde(default = "default_beta_start")]
+    #[serde(default = "su::defaults::beta_start")]
     pub beta_start: f64,
-    #[serde(default = "default_beta_end")]
+    #[serde(default = "su::defaults::beta_end")]
     pub beta_end: f64,
-    #[serde(default = "default_beta_schedule")]
+    #[serde(default = "su::defaults::beta_schedule")]
     pub beta_schedule: String,
     #[serde(default)]
     pub trained_betas: Option<Vec<f64>>,
     #[serde(default = "default_solver_order")]
     pub solver_order: usize,
-    #[serde(default = "default_prediction_type")]
+    #[serde(default = "su::defaults::prediction_type")]
     pub prediction_type: String,
     #[serde(default)]
     pub thresholding: bool,
-    #[serde(default = "default_dynamic_thresholding_ratio")]
+    #[serde(default = "su::defaults::dynamic_thresholding_ratio")]
     pub dynamic_thresholding_ratio: f64,
-    #[serde(default = "default_one")]
+    #[serde(default = "su::defaults::one")]
     pub sample_max_value: f64,
     #[serde(default = "default_algorithm_type")]
     pub algorithm_type: String,
     #[serde(default = "default_solver_type")]
     pub solver_type: String,
-    #[serde(default = "default_true")]
+    #[serde(default = "su::defaults::enabled")]
     pub lower_order_final: bool,
     #[serde(default)]
     pub euler_at_final: bool,
@@ -113,7 +89,7 @@ pub struct Config {
     pub use_lu_lambdas: bool,
     #[serde(default)]
     pub use_flow_sigmas: bool,
-    #[serde(default = "default_one")]
+    #[serde(default = "su::defaults::one")]
     pub flow_shift: f64,
     #[serde(default = "default_final_sigmas_type")]
     pub final_sigmas_type: String,

@@ -26,21 +26,6 @@ use crate::StepWithNoise;
 
 pub const CLASS_NAME: &str = "EulerDiscreteScheduler";
 
-fn default_num_train_timesteps() -> usize {
-    1000
-}
-fn default_beta_start() -> f64 {
-    0.0001
-}
-fn default_beta_end() -> f64 {
-    0.02
-}
-fn default_beta_schedule() -> String {
-    "linear".into()
-}
-fn default_prediction_type() -> String {
-    "epsilon".into()
-}
 fn default_interpolation_type() -> String {
     "linear".into()
 }
@@ -57,17 +42,17 @@ fn default_final_sigmas_type() -> String {
 /// `scheduler_config.json` of an `EulerDiscreteScheduler`, field for field.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
-    #[serde(default = "default_num_train_timesteps")]
+    #[serde(default = "su::defaults::num_train_timesteps")]
     pub num_train_timesteps: usize,
-    #[serde(default = "default_beta_start")]
+    #[serde(default = "su::defaults::beta_start")]
     pub beta_start: f64,
-    #[serde(default = "default_beta_end")]
+    #[serde(default = "su::defaults::beta_end")]
     pub beta_end: f64,
-    #[serde(default = "default_beta_schedule")]
+    #[serde(default = "su::defaults::beta_schedule")]
     pub beta_schedule: String,
     #[serde(default)]
     pub trained_betas: Option<Vec<f64>>,
-    #[serde(default = "default_prediction_type")]
+    #[serde(default = "su::defaults::prediction_type")]
     pub prediction_type: String,
     #[serde(default = "default_interpolation_type")]
     pub interpolation_type: String,

@@ -22,12 +22,6 @@ use crate::StepWithNoise;
 
 pub const CLASS_NAME: &str = "FlowMatchEulerDiscreteScheduler";
 
-fn default_num_train_timesteps() -> usize {
-    1000
-}
-fn default_one() -> f64 {
-    1.0
-}
 fn default_base_shift() -> Option<f64> {
     Some(0.5)
 }
@@ -47,9 +41,9 @@ fn default_time_shift_type() -> String {
 /// `scheduler_config.json` of a `FlowMatchEulerDiscreteScheduler`, field for field.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
-    #[serde(default = "default_num_train_timesteps")]
+    #[serde(default = "su::defaults::num_train_timesteps")]
     pub num_train_timesteps: usize,
-    #[serde(default = "default_one")]
+    #[serde(default = "su::defaults::one")]
     pub shift: f64,
     #[serde(default)]
     pub use_dynamic_shifting: bool,

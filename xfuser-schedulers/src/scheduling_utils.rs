@@ -405,3 +405,32 @@ mod tests {
         assert_eq!(sigma_to_t(1e9, &log_sigmas), 9.0);
     }
 }
+
+/// serde defaults shared by the schedulers' configs: diffusers' values for the fields every
+/// scheduler has.
+pub(crate) mod defaults {
+    pub(crate) fn num_train_timesteps() -> usize {
+        1000
+    }
+    pub(crate) fn beta_start() -> f64 {
+        0.0001
+    }
+    pub(crate) fn beta_end() -> f64 {
+        0.02
+    }
+    pub(crate) fn beta_schedule() -> String {
+        "linear".into()
+    }
+    pub(crate) fn prediction_type() -> String {
+        "epsilon".into()
+    }
+    pub(crate) fn dynamic_thresholding_ratio() -> f64 {
+        0.995
+    }
+    pub(crate) fn one() -> f64 {
+        1.0
+    }
+    pub(crate) fn enabled() -> bool {
+        true
+    }
+}
