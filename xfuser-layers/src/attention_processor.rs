@@ -2,13 +2,14 @@
 //! the USP paper (<https://arxiv.org/abs/2405.07719>): every sp rank holds a slice of the
 //! image tokens and the processor exchanges what attention over the whole sequence needs.
 //!
-//! - [`UlyssesAttention`] (DeepSpeed-Ulysses): all-to-all q, k, v from "my tokens, all heads"
-//!   to "all tokens, my heads", attention over the full sequence on H/U heads, all-to-all back.
-//! - [`RingAttention`]: each rank keeps its queries; k, v slices travel around the ring (sent
-//!   ahead while the current slice is computed) and the partial results merge through their
-//!   log-sum-exp.
-//! - [`UspAttention`]: Ulysses inside each ulysses group, then Ring across the ring group on the
-//!   sequences the all-to-all gathered, then all-to-all back.
+//! - Ulysses ([`SequenceParallelAttention::ulysses`], DeepSpeed-Ulysses): all-to-all q, k, v
+//!   from "my tokens, all heads" to "all tokens, my heads", attention over the full sequence on
+//!   H/U heads, all-to-all back.
+//! - Ring ([`SequenceParallelAttention::ring`]): each rank keeps its queries; k, v slices travel
+//!   around the ring (sent ahead while the current slice is computed) and the partial results
+//!   merge through their log-sum-exp.
+//! - USP ([`SequenceParallelAttention::usp`]): Ulysses inside each ulysses group, then Ring
+//!   across the ring group on the sequences the all-to-all gathered, then all-to-all back.
 //!
 //! Each registers under its method name ("ulysses", "ring", "usp"; "serial" is the core's
 //! [`SerialAttention`]) and is built per input shape from a [`SpContext`], whose padded layout
@@ -249,102 +250,48 @@ fn require_single(group: &ProcessGroup, processor: &str, use_instead: &str) -> R
     Ok(())
 }
 
-/// DeepSpeed-Ulysses over the ulysses group; the ring degree must be 1 (else use USP).
+/// Sequence-parallel self-attention over a rank's ulysses and ring groups: Ulysses inside,
+/// Ring across ([`usp_attention`]). A degree of 1 on one axis reduces it to the other method;
+/// the constructors say which method the caller asked for and refuse the other axis.
 #[derive(Debug, Clone)]
-pub struct UlyssesAttention {
+pub struct SequenceParallelAttention {
+    method: &'static str,
     ulysses: ProcessGroup,
     ring: ProcessGroup,
     layout: KeyLayout,
 }
 
-impl UlyssesAttention {
-    pub fn new(sp: &SpContext) -> Result<Self> {
+impl SequenceParallelAttention {
+    /// DeepSpeed-Ulysses over the ulysses group; the ring degree must be 1 (else use USP).
+    pub fn ulysses(sp: &SpContext) -> Result<Self> {
         require_single(sp.ring_group(), "ulysses", "\"usp\"")?;
-        Ok(Self {
-            ulysses: sp.ulysses_group().clone(),
-            ring: sp.ring_group().clone(),
-            layout: KeyLayout::of(sp),
-        })
-    }
-}
-
-impl AttentionProcessor for UlyssesAttention {
-    fn name(&self) -> &'static str {
-        "ulysses"
+        Ok(Self::build("ulysses", sp))
     }
 
-    fn self_attention(
-        &self,
-        _layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        scale: f64,
-    ) -> Result<Tensor> {
-        self.layout.check_local(self.name(), q)?;
-        usp_attention(&self.ulysses, &self.ring, &self.layout, q, k, v, scale)
-    }
-}
-
-/// Ring attention over the ring group; the ulysses degree must be 1 (else use USP).
-#[derive(Debug, Clone)]
-pub struct RingAttention {
-    ulysses: ProcessGroup,
-    ring: ProcessGroup,
-    layout: KeyLayout,
-}
-
-impl RingAttention {
-    pub fn new(sp: &SpContext) -> Result<Self> {
+    /// Ring attention over the ring group; the ulysses degree must be 1 (else use USP).
+    pub fn ring(sp: &SpContext) -> Result<Self> {
         require_single(sp.ulysses_group(), "ring", "\"usp\"")?;
-        Ok(Self {
+        Ok(Self::build("ring", sp))
+    }
+
+    /// Unified sequence parallelism, any degrees.
+    pub fn usp(sp: &SpContext) -> Result<Self> {
+        Ok(Self::build("usp", sp))
+    }
+
+    fn build(method: &'static str, sp: &SpContext) -> Self {
+        Self {
+            method,
             ulysses: sp.ulysses_group().clone(),
             ring: sp.ring_group().clone(),
             layout: KeyLayout::of(sp),
-        })
+        }
     }
 }
 
-impl AttentionProcessor for RingAttention {
+impl AttentionProcessor for SequenceParallelAttention {
     fn name(&self) -> &'static str {
-        "ring"
-    }
-
-    fn self_attention(
-        &self,
-        _layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        scale: f64,
-    ) -> Result<Tensor> {
-        self.layout.check_local(self.name(), q)?;
-        usp_attention(&self.ulysses, &self.ring, &self.layout, q, k, v, scale)
-    }
-}
-
-/// Unified sequence parallelism: Ulysses inside, Ring across. Any degrees (one of them 1
-/// reduces it to the other method).
-#[derive(Debug, Clone)]
-pub struct UspAttention {
-    ulysses: ProcessGroup,
-    ring: ProcessGroup,
-    layout: KeyLayout,
-}
-
-impl UspAttention {
-    pub fn new(sp: &SpContext) -> Result<Self> {
-        Ok(Self {
-            ulysses: sp.ulysses_group().clone(),
-            ring: sp.ring_group().clone(),
-            layout: KeyLayout::of(sp),
-        })
-    }
-}
-
-impl AttentionProcessor for UspAttention {
-    fn name(&self) -> &'static str {
-        "usp"
+        self.method
     }
 
     fn self_attention(
@@ -366,15 +313,15 @@ fn build_serial(sp: &SpContext) -> Result<Arc<dyn AttentionProcessor>> {
 }
 
 fn build_ulysses(sp: &SpContext) -> Result<Arc<dyn AttentionProcessor>> {
-    Ok(Arc::new(UlyssesAttention::new(sp)?))
+    Ok(Arc::new(SequenceParallelAttention::ulysses(sp)?))
 }
 
 fn build_ring(sp: &SpContext) -> Result<Arc<dyn AttentionProcessor>> {
-    Ok(Arc::new(RingAttention::new(sp)?))
+    Ok(Arc::new(SequenceParallelAttention::ring(sp)?))
 }
 
 fn build_usp(sp: &SpContext) -> Result<Arc<dyn AttentionProcessor>> {
-    Ok(Arc::new(UspAttention::new(sp)?))
+    Ok(Arc::new(SequenceParallelAttention::usp(sp)?))
 }
 
 xfuser_core::inventory::submit! {
