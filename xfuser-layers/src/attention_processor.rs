@@ -251,7 +251,7 @@ fn require_single(group: &ProcessGroup, processor: &str, use_instead: &str) -> R
 }
 
 /// Sequence-parallel self-attention over a rank's ulysses and ring groups: Ulysses inside,
-/// Ring across ([`usp_attention`]). A degree of 1 on one axis reduces it to the other method;
+/// Ring across (`usp_attention`). A degree of 1 on one axis reduces it to the other method;
 /// the constructors say which method the caller asked for and refuse the other axis.
 #[derive(Debug, Clone)]
 pub struct SequenceParallelAttention {
