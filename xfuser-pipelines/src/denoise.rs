@@ -77,23 +77,12 @@ pub fn denoise(
             "the scheduler has no timesteps: call set_timesteps with at least one step",
         ));
     }
-    let cfg_group = cfg_group.filter(|g| g.size() > 1);
-    if let Some(group) = cfg_group {
-        if group.size() != 2 || !guidance.uses_cfg() {
-            return Err(Error::invalid(format!(
-                "CFG parallel needs classifier-free guidance (guidance_scale > 1) and a cfg \
-                 group of 2 ranks; got {} ranks on {}",
-                group.size(),
-                group.name()
-            )));
-        }
-    }
-    // Serial CFG doubles the batch; CFG parallel runs one half on each cfg rank.
-    let doubled = guidance.uses_cfg() && cfg_group.is_none();
-    let (embeds, mask) = match cfg_group {
-        Some(group) => own_cfg_half(guidance, group.index())?,
-        None => batched_text(guidance)?,
-    };
+    let CfgBatch {
+        cfg_group,
+        doubled,
+        embeds,
+        mask,
+    } = cfg_batch(guidance, cfg_group)?;
     let latent_channels = latents.dim(1)?;
     let batch = latents.dim(0)?;
     let mut state = scheduler.new_state();
@@ -130,8 +119,48 @@ pub fn denoise(
     Ok(latents)
 }
 
+/// How classifier-free guidance shapes a rank's model batch.
+pub(crate) struct CfgBatch<'a> {
+    /// The cfg group when CFG runs in parallel (two ranks), else None.
+    pub cfg_group: Option<&'a ProcessGroup>,
+    /// Serial CFG: the latents go in twice (negative half, then positive).
+    pub doubled: bool,
+    /// The text this rank's backbone sees, and its mask.
+    pub embeds: Tensor,
+    pub mask: Tensor,
+}
+
+/// Serial CFG doubles the batch; CFG parallel runs one half on each of the two cfg ranks.
+/// A cfg group of one rank means no CFG parallelism.
+pub(crate) fn cfg_batch<'a>(
+    guidance: &Guidance,
+    cfg_group: Option<&'a ProcessGroup>,
+) -> Result<CfgBatch<'a>> {
+    let cfg_group = cfg_group.filter(|g| g.size() > 1);
+    if let Some(group) = cfg_group {
+        if group.size() != 2 || !guidance.uses_cfg() {
+            return Err(Error::invalid(format!(
+                "CFG parallel needs classifier-free guidance (guidance_scale > 1) and a cfg \
+                 group of 2 ranks; got {} ranks on {}",
+                group.size(),
+                group.name()
+            )));
+        }
+    }
+    let (embeds, mask) = match cfg_group {
+        Some(group) => own_cfg_half(guidance, group.index())?,
+        None => batched_text(guidance)?,
+    };
+    Ok(CfgBatch {
+        cfg_group,
+        doubled: guidance.uses_cfg() && cfg_group.is_none(),
+        embeds,
+        mask,
+    })
+}
+
 /// Negative then positive along the batch, as diffusers concatenates them.
-pub(crate) fn batched_text(guidance: &Guidance) -> Result<(Tensor, Tensor)> {
+fn batched_text(guidance: &Guidance) -> Result<(Tensor, Tensor)> {
     let pos = &guidance.positive;
     let mask = pos.mask.to_dtype(DType::F32)?;
     match &guidance.negative {
@@ -144,7 +173,7 @@ pub(crate) fn batched_text(guidance: &Guidance) -> Result<(Tensor, Tensor)> {
 }
 
 /// The text conditioning of CFG-parallel member `index`: 0 the negative side, 1 the positive.
-pub(crate) fn own_cfg_half(guidance: &Guidance, index: usize) -> Result<(Tensor, Tensor)> {
+fn own_cfg_half(guidance: &Guidance, index: usize) -> Result<(Tensor, Tensor)> {
     let side = match (index, &guidance.negative) {
         (0, Some(negative)) => negative,
         (1, Some(_)) => &guidance.positive,

@@ -50,7 +50,7 @@ use xfuser_core::{Error, Result};
 use xfuser_layers::pipefusion_attention::PipeFusionAttention;
 
 use crate::denoise::{
-    apply_guidance, batched_text, cfg_repeat, drop_learned_sigma, own_cfg_half, Guidance,
+    apply_guidance, cfg_batch, cfg_repeat, drop_learned_sigma, CfgBatch, Guidance,
 };
 
 /// What a PipeFusion rank runs with.
@@ -392,22 +392,12 @@ pub fn denoise_pipefusion(
             "the scheduler has no timesteps: call set_timesteps with at least one step",
         ));
     }
-    let cfg_group = Some(rank.cfg_group()).filter(|g| g.size() > 1);
-    if let Some(group) = cfg_group {
-        if group.size() != 2 || !guidance.uses_cfg() {
-            return Err(Error::invalid(format!(
-                "CFG parallel needs classifier-free guidance (guidance_scale > 1) and a cfg \
-                 group of 2 ranks; got {} ranks on {}",
-                group.size(),
-                group.name()
-            )));
-        }
-    }
-    let doubled = guidance.uses_cfg() && cfg_group.is_none();
-    let (embeds, mask) = match cfg_group {
-        Some(group) => own_cfg_half(guidance, group.index())?,
-        None => batched_text(guidance)?,
-    };
+    let CfgBatch {
+        cfg_group,
+        doubled,
+        embeds,
+        mask,
+    } = cfg_batch(guidance, Some(rank.cfg_group()))?;
     let state0 = scheduler.new_state();
     let model_input = scheduler.scale_model_input(&state0, &latents)?;
     let shape_carrier = if doubled {
