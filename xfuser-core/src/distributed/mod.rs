@@ -29,7 +29,7 @@ pub use group::{
     CommCounts, CommKey, CommOp, CommStats, Communicator, ProcessGroup, RecvHandle, RecvWork,
     SendHandle, SendWork,
 };
-pub use launch::{launch_local, LaunchOptions, RankContext};
+pub use launch::{launch_local, LaunchOptions, RankContext, RankThreads};
 pub use local::{AbortReason, LocalComm, LocalWorld};
 pub use mesh::{group_name, Axis, RankCoords, RankMesh};
 pub use runtime_state::{InputMetadata, Patch, RuntimeState, ShapeParams, SpSlice, TokenRange};

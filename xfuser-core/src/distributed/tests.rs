@@ -161,6 +161,36 @@ fn groups_of_one_axis_run_independently() {
 }
 
 #[test]
+fn ranks_compute_on_the_threads_they_are_given() {
+    let global = rayon::current_num_threads();
+    let threads_in_ranks = |threads: RankThreads, world: usize| {
+        let options = LaunchOptions {
+            threads,
+            ..LaunchOptions::default()
+        };
+        launch_local(&mesh_of(world), &options, |_| {
+            // What a rank's candle ops and kernels see: rayon's pool of the calling thread.
+            Ok(rayon::current_num_threads())
+        })
+        .unwrap()
+    };
+    assert_eq!(threads_in_ranks(RankThreads::Shared, 2), vec![global; 2]);
+    assert_eq!(threads_in_ranks(RankThreads::Each(3), 2), vec![3; 2]);
+    let split = (global / 2).max(1);
+    assert_eq!(threads_in_ranks(RankThreads::Split, 2), vec![split; 2]);
+    assert_eq!(RankThreads::Split.per_rank(global + 1), Some(1));
+    // A panic on a rank's own pool still reaches the launcher as that rank's failure.
+    let err = launch_local(&mesh_of(2), &LaunchOptions::default(), |ctx| {
+        if ctx.rank() == 1 {
+            panic!("rank 1 gives up");
+        }
+        ctx.world().barrier()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("rank 1 gives up"), "{err}");
+}
+
+#[test]
 fn many_large_sends_posted_before_receives_do_not_deadlock() {
     // 16 messages of 4 MB each way, both ranks sending everything before receiving anything.
     const COUNT: usize = 16;
