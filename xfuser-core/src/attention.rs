@@ -29,6 +29,10 @@ pub fn scaled_dot_product_attention(
     bias: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    // f32 on the CPU: one fused task per (batch, head), scores kept in cache.
+    if let Some(out) = crate::kernels::attention_split_heads(q, k, v, bias, scale)? {
+        return Ok(out);
+    }
     let dtype = q.dtype();
     let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
     let probs = if dtype == DType::F32 {

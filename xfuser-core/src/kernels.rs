@@ -550,6 +550,15 @@ impl SharedMut {
     }
 }
 
+/// Where [`fused_attention`] writes each head's output rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeadsLayout {
+    /// (B, H, S, Dh): the processors' layout.
+    Split,
+    /// (B, S, H·Dh): the layout the output projection reads.
+    Merged,
+}
+
 /// `softmax(q·kᵀ·scale + bias)·v` with the heads merged: q (B, H, S, Dh), k and v (B, H, L,
 /// Dh), bias broadcastable with only batch and key dimensions ((B, 1, 1, L), (1, 1, 1, L)) or
 /// None -> (B, S, H·Dh), the layout the output projection reads.
@@ -564,8 +573,76 @@ pub fn attention_merged(
     bias: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    if let Some(out) = fused_attention(q, k, v, bias, scale, HeadsLayout::Merged)? {
+        return Ok(out);
+    }
     let (b, h, s, dh) = q.dims4()?;
-    let (_, _, l, _) = k.dims4()?;
+    let out = crate::attention::scaled_dot_product_attention(q, k, v, bias, scale)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    out.transpose(1, 2)?.contiguous()?.reshape((b, s, h * dh))
+}
+
+/// The same attention in the (B, H, S, Dh) layout, fused as [`attention_merged`]; None when
+/// the inputs are not f32 CPU tensors of that layout (the caller computes it with candle ops).
+pub fn attention_split_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    fused_attention(q, k, v, bias, scale, HeadsLayout::Split)
+}
+
+/// `dst (m×n) = lhs (m×k)·rhs (k×n)` on one thread, or `dst += …` with `accumulate`; every
+/// matrix given by its pointer and (row, column) strides.
+///
+/// # Safety
+/// Every pointer must be valid for the elements its strides and sizes reach, and `dst` must
+/// not be written by anyone else meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_1t(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, usize, usize),
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    accumulate: bool,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.2 as isize,
+        dst.1 as isize,
+        accumulate,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        if accumulate { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// The fused attention of [`attention_merged`], writing `layout`; None when the inputs do not
+/// fit the kernel.
+fn fused_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+    layout: HeadsLayout,
+) -> Result<Option<Tensor>> {
+    let (b, h, s, dh) = q.dims4()?;
+    let l = k.dim(2)?;
     let bias_ok = bias.is_none_or(|t| {
         let bd = t.dims();
         fast_path(&[t])
@@ -577,15 +654,18 @@ pub fn attention_merged(
     });
     let shapes_ok = k.dims() == [b, h, l, dh] && v.dims() == [b, h, l, dh];
     if !fast_path(&[q, k, v]) || !bias_ok || !shapes_ok || l == 0 {
-        let out = crate::attention::scaled_dot_product_attention(q, k, v, bias, scale)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        return out.transpose(1, 2)?.contiguous()?.reshape((b, s, h * dh));
+        return Ok(None);
     }
     let bias = match bias {
         None => None,
         Some(t) => Some((t.dim(0)?, with_f32(t, |v| Ok(v.to_vec()))?)),
     };
-    with_f32(q, |qs| {
+    // Where head (bi, hi)'s output rows start, and their stride.
+    let (head_offset, row_stride) = match layout {
+        HeadsLayout::Merged => ((s * h * dh, dh), h * dh),
+        HeadsLayout::Split => ((h * s * dh, s * dh), dh),
+    };
+    let out = with_f32(q, |qs| {
         with_f32(k, |ks| {
             with_f32(v, |vs| {
                 let mut out = vec![0f32; b * s * h * dh];
@@ -596,29 +676,16 @@ pub fn attention_merged(
                     |(scores, probs), task| {
                         let (bi, hi) = (task / h, task % h);
                         let (qo, ko) = (task * s * dh, task * l * dh);
+                        let oo = bi * head_offset.0 + hi * head_offset.1;
                         // SAFETY: slices and strides stay inside the buffers; the output
                         // block (rows of batch bi, columns of head hi) is this task's alone.
                         unsafe {
-                            gemm::gemm(
-                                s,
-                                l,
-                                dh,
-                                scores.as_mut_ptr(),
-                                1,
-                                l as isize,
+                            gemm_1t(
+                                (s, l, dh),
+                                (scores.as_mut_ptr(), l, 1),
+                                (qs[qo..].as_ptr(), dh, 1),
+                                (ks[ko..].as_ptr(), 1, dh),
                                 false,
-                                qs[qo..].as_ptr(),
-                                1,
-                                dh as isize,
-                                ks[ko..].as_ptr(),
-                                dh as isize,
-                                1,
-                                0.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
                             );
                         }
                         let brow: &[f32] = match &bias {
@@ -628,34 +695,166 @@ pub fn attention_merged(
                         };
                         softmax_rows(scores, brow, probs, l, scale);
                         unsafe {
-                            gemm::gemm(
-                                s,
-                                dh,
-                                l,
-                                dst.ptr().add(bi * s * h * dh + hi * dh),
-                                1,
-                                (h * dh) as isize,
+                            gemm_1t(
+                                (s, dh, l),
+                                (dst.ptr().add(oo), row_stride, 1),
+                                (probs.as_ptr(), l, 1),
+                                (vs[ko..].as_ptr(), dh, 1),
                                 false,
-                                probs.as_ptr(),
-                                1,
-                                l as isize,
-                                vs[ko..].as_ptr(),
-                                1,
-                                dh as isize,
-                                0.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
                             );
                         }
                     },
                 );
-                output(out, (b, s, h * dh))
+                Ok(out)
             })
         })
-    })
+    })?;
+    let out = match layout {
+        HeadsLayout::Merged => output(out, (b, s, h * dh))?,
+        HeadsLayout::Split => output(out, (b, h, s, dh))?,
+    };
+    Ok(Some(out))
+}
+
+multiversion! {
+    /// One block of keys into a running softmax: `scores` (rows of `l`) scaled, each row's
+    /// running max and sum updated, its previous output row rescaled, and the block's
+    /// unnormalised probabilities written to `probs`.
+    fn online_softmax_rows(
+        scores: &[f32],
+        probs: &mut [f32],
+        max: &mut [f32],
+        sum: &mut [f32],
+        out: &mut [f32],
+        scale: f32,
+    ) {
+        // One running max, sum and output row per query row.
+        let (l, dh) = (scores.len() / max.len(), out.len() / max.len());
+        let rows = scores.chunks_exact(l).zip(probs.chunks_exact_mut(l));
+        let state = max.iter_mut().zip(sum.iter_mut()).zip(out.chunks_exact_mut(dh));
+        for ((sr, pr), ((m, total), orow)) in rows.zip(state) {
+            for (p, &v) in pr.iter_mut().zip(sr) {
+                *p = v * scale;
+            }
+            let new_max = m.max(max16(pr));
+            // e^(old max − new max) rescales what earlier blocks contributed (0 before any).
+            let keep = if *m == f32::NEG_INFINITY { 0.0 } else { exp_f32(*m - new_max) };
+            for p in pr.iter_mut() {
+                *p = exp_f32(*p - new_max);
+            }
+            *total = *total * keep + sum16(pr);
+            *m = new_max;
+            for o in orow.iter_mut() {
+                *o *= keep;
+            }
+        }
+    }
+}
+
+/// Attention over keys that arrive block by block (ring attention), without a log-sum-exp
+/// merge per block: per query row it keeps the running max of the scaled scores, the running
+/// sum of their exponentials and the unnormalised output (the online softmax of
+/// FlashAttention), one (batch, head) per task as in [`attention_merged`].
+///
+/// Only for f32 CPU tensors: [`OnlineAttention::new`] says None otherwise, and the caller
+/// computes each block with candle ops instead.
+#[derive(Debug)]
+pub struct OnlineAttention {
+    q: Tensor,
+    dims: (usize, usize, usize, usize),
+    scale: f32,
+    out: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+impl OnlineAttention {
+    /// Starts the attention of `q` (B, H, S, Dh), with no keys yet; None when q is not an f32
+    /// CPU tensor.
+    pub fn new(q: &Tensor, scale: f64) -> Result<Option<Self>> {
+        if !is_cpu_f32(q) {
+            return Ok(None);
+        }
+        let dims = q.dims4()?;
+        let (b, h, s, dh) = dims;
+        Ok(Some(Self {
+            q: q.contiguous()?,
+            dims,
+            scale: scale as f32,
+            out: vec![0f32; b * h * s * dh],
+            max: vec![f32::NEG_INFINITY; b * h * s],
+            sum: vec![0f32; b * h * s],
+        }))
+    }
+
+    /// Adds the first `keys` positions of the block k, v (B, H, L, Dh); false (and nothing
+    /// added) when the block is not an f32 CPU tensor of that shape with `keys` ≤ L.
+    pub fn add_block(&mut self, k: &Tensor, v: &Tensor, keys: usize) -> Result<bool> {
+        let (b, h, s, dh) = self.dims;
+        let l = k.dim(2)?;
+        let fits = k.dims() == [b, h, l, dh] && v.dims() == [b, h, l, dh] && keys <= l;
+        if !fits || !fast_path(&[k, v]) {
+            return Ok(false);
+        }
+        if keys == 0 {
+            return Ok(true);
+        }
+        let scale = self.scale;
+        let (out, max, sum) = (&mut self.out, &mut self.max, &mut self.sum);
+        with_f32(&self.q, |qs| {
+            with_f32(k, |ks| {
+                with_f32(v, |vs| {
+                    out.par_chunks_mut(s * dh)
+                        .zip(max.par_chunks_mut(s))
+                        .zip(sum.par_chunks_mut(s))
+                        .enumerate()
+                        .for_each_init(
+                            || (vec![0f32; s * keys], vec![0f32; s * keys]),
+                            |(scores, probs), (task, ((o, m), total))| {
+                                let (qo, ko) = (task * s * dh, task * l * dh);
+                                // SAFETY: every slice holds the rows its strides reach; o is
+                                // this task's own.
+                                unsafe {
+                                    gemm_1t(
+                                        (s, keys, dh),
+                                        (scores.as_mut_ptr(), keys, 1),
+                                        (qs[qo..].as_ptr(), dh, 1),
+                                        (ks[ko..].as_ptr(), 1, dh),
+                                        false,
+                                    );
+                                }
+                                online_softmax_rows(scores, probs, m, total, o, scale);
+                                unsafe {
+                                    gemm_1t(
+                                        (s, dh, keys),
+                                        (o.as_mut_ptr(), dh, 1),
+                                        (probs.as_ptr(), keys, 1),
+                                        (vs[ko..].as_ptr(), dh, 1),
+                                        true,
+                                    );
+                                }
+                            },
+                        );
+                    Ok(())
+                })
+            })
+        })?;
+        Ok(true)
+    }
+
+    /// The attention output (B, H, S, Dh): the accumulated output over the sum of weights;
+    /// an error when no key was added.
+    pub fn finish(self) -> Result<Tensor> {
+        let (b, h, s, dh) = self.dims;
+        if self.sum.contains(&0.0) {
+            candle_core::bail!("online attention: a query row saw no keys");
+        }
+        let mut out = self.out;
+        out.par_chunks_mut(dh)
+            .zip(self.sum.par_iter())
+            .for_each(|(row, &total)| row.iter_mut().for_each(|o| *o /= total));
+        output(out, (b, h, s, dh))
+    }
 }
 
 #[cfg(test)]
@@ -681,6 +880,44 @@ mod tests {
         }
         assert!(exp_f32(-1e4) < 1e-37 && exp_f32(-1e4) >= 0.0);
         assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn online_attention_over_blocks_equals_attention_over_all_keys() {
+        let q = (randn(&[2, 3, 5, 8]) * 2.0).unwrap();
+        let (k, v) = (
+            (randn(&[2, 3, 21, 8]) * 2.0).unwrap(),
+            randn(&[2, 3, 21, 8]),
+        );
+        // Blocks of 7 keys, the last one holding 4 real keys then padding.
+        let real = 18;
+        let expect = crate::attention::scaled_dot_product_attention(
+            &q.to_dtype(DType::F64).unwrap(),
+            &k.narrow(2, 0, real).unwrap().to_dtype(DType::F64).unwrap(),
+            &v.narrow(2, 0, real).unwrap().to_dtype(DType::F64).unwrap(),
+            None,
+            0.4,
+        )
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+        let mut online = OnlineAttention::new(&q, 0.4).unwrap().expect("f32 CPU");
+        // Out of order, as a ring visits them.
+        for (start, keys) in [(14, 4), (0, 7), (7, 7)] {
+            let block = |t: &Tensor| t.narrow(2, start, 7).unwrap().contiguous().unwrap();
+            assert!(online.add_block(&block(&k), &block(&v), keys).unwrap());
+        }
+        assert!(rel(&online.finish().unwrap(), &expect) < 1e-6);
+
+        let mut online = OnlineAttention::new(&q, 0.4).unwrap().unwrap();
+        // Blocks that do not fit are refused, not half-added; no keys at all is an error.
+        assert!(!online
+            .add_block(&randn(&[2, 3, 7, 4]), &randn(&[2, 3, 7, 4]), 7)
+            .unwrap());
+        assert!(!online.add_block(&k, &v, 22).unwrap());
+        assert!(online.finish().is_err());
+        let q64 = q.to_dtype(DType::F64).unwrap();
+        assert!(OnlineAttention::new(&q64, 0.4).unwrap().is_none());
     }
 
     #[test]
@@ -756,6 +993,26 @@ mod tests {
             .unwrap();
         let got = attention_merged(&q, &k, &v, Some(&mask), 0.3).unwrap();
         assert!(rel(&got, &expect) < 1e-6);
+
+        let split = attention_split_heads(&q, &k, &v, Some(&mask), 0.3)
+            .unwrap()
+            .expect("f32 CPU inputs take the kernel");
+        let expect = crate::attention::scaled_dot_product_attention(
+            &q.to_dtype(DType::F64).unwrap(),
+            &k.to_dtype(DType::F64).unwrap(),
+            &v.to_dtype(DType::F64).unwrap(),
+            Some(&mask.to_dtype(DType::F64).unwrap()),
+            0.3,
+        )
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+        assert!(rel(&split, &expect) < 1e-6);
+        assert!(
+            attention_split_heads(&q.to_dtype(DType::F64).unwrap(), &k, &v, None, 0.3)
+                .unwrap()
+                .is_none()
+        );
 
         let qkv = randn(&[2, 7, 3 * 4 * 5]);
         let b = randn(&[60]);

@@ -42,6 +42,7 @@ use candle_core::{DType, Tensor, D};
 use xfuser_core::attention::{scaled_dot_product_attention, AttentionProcessor, SerialAttention};
 use xfuser_core::backbone::SpContext;
 use xfuser_core::distributed::ProcessGroup;
+use xfuser_core::kernels;
 use xfuser_core::registry::AttentionProcessorEntry;
 use xfuser_core::{Error, Result};
 
@@ -142,7 +143,7 @@ fn ring_attention(
     let (next, prev) = (ring.next_index(), ring.prev_index());
     let block_len = k.dim(2)?;
     let mut kv = (k.contiguous()?, v.contiguous()?);
-    let mut merged: Option<(Tensor, Tensor)> = None;
+    let mut acc = RingAccumulator::new(q, scale)?;
     for step in 0..size {
         let in_flight = if step + 1 < size {
             let sends = [ring.isend(&kv.0, next)?, ring.isend(&kv.1, next)?];
@@ -153,18 +154,7 @@ fn ring_attention(
         };
         let owner = (me + size - step) % size;
         let real = layout.real_in(owner * block_len, block_len);
-        if real > 0 {
-            let part = attention_with_lse(
-                q,
-                &kv.0.narrow(2, 0, real)?,
-                &kv.1.narrow(2, 0, real)?,
-                scale,
-            )?;
-            merged = Some(match merged {
-                None => part,
-                Some(acc) => merge_partials(acc, part)?,
-            });
-        }
+        acc.add(q, &kv.0, &kv.1, real, scale)?;
         if let Some((sends, [recv_k, recv_v])) = in_flight {
             kv = (recv_k.wait()?, recv_v.wait()?);
             for send in sends {
@@ -172,13 +162,65 @@ fn ring_attention(
             }
         }
     }
-    let (out, _) = merged.ok_or_else(|| {
-        Error::invalid(format!(
-            "ring attention on {}: the sequence has no real tokens",
-            ring.name()
-        ))
-    })?;
-    Ok(out.to_dtype(q.dtype())?)
+    acc.finish(ring, q.dtype())
+}
+
+/// The partial attentions of a ring: f32 CPU queries through the fused online softmax of
+/// [`kernels::OnlineAttention`], anything else block by block with candle ops and merged
+/// through the log-sum-exp.
+enum RingAccumulator {
+    Online(kernels::OnlineAttention),
+    Merged(Option<(Tensor, Tensor)>),
+}
+
+impl RingAccumulator {
+    fn new(q: &Tensor, scale: f64) -> Result<Self> {
+        Ok(match kernels::OnlineAttention::new(q, scale)? {
+            Some(online) => Self::Online(online),
+            None => Self::Merged(None),
+        })
+    }
+
+    /// Adds the first `real` keys of the block k, v.
+    fn add(&mut self, q: &Tensor, k: &Tensor, v: &Tensor, real: usize, scale: f64) -> Result<()> {
+        match self {
+            Self::Online(online) => {
+                if !online.add_block(k, v, real)? {
+                    return Err(Error::invalid(format!(
+                        "ring attention: a key/value block {:?} ({:?}) does not fit the queries \
+                         {:?}",
+                        k.dims(),
+                        k.dtype(),
+                        q.dims()
+                    )));
+                }
+            }
+            Self::Merged(merged) if real > 0 => {
+                let part =
+                    attention_with_lse(q, &k.narrow(2, 0, real)?, &v.narrow(2, 0, real)?, scale)?;
+                *merged = Some(match merged.take() {
+                    None => part,
+                    Some(acc) => merge_partials(acc, part)?,
+                });
+            }
+            Self::Merged(_) => {}
+        }
+        Ok(())
+    }
+
+    fn finish(self, ring: &ProcessGroup, dtype: DType) -> Result<Tensor> {
+        let no_keys = || {
+            Error::invalid(format!(
+                "ring attention on {}: the sequence has no real tokens",
+                ring.name()
+            ))
+        };
+        let out = match self {
+            Self::Online(online) => online.finish().map_err(|_| no_keys())?,
+            Self::Merged(merged) => merged.ok_or_else(no_keys)?.0,
+        };
+        Ok(out.to_dtype(dtype)?)
+    }
 }
 
 /// Attention over the whole sequence that the ulysses all-to-all gathered (no ring): keys
