@@ -6,6 +6,12 @@ ratio rust/torch as the last line.
     /work/pyvenv/bin/python scripts/bench_compare.py pixart-forward --rounds 3
     /work/pyvenv/bin/python scripts/bench_compare.py pipeline --rounds 3 -- --steps 20
 
+`parallel` compares the parallel loops with the serial one instead, all in Rust: each round
+runs `xfuser-bench pipeline` and then `xfuser-bench parallel --mode M` for every mode of
+--modes, and prints per mode the median ratio parallel/serial (same round's serial run):
+
+    python3 scripts/bench_compare.py parallel --modes cfg,ulysses,ring,pipefusion --rounds 3
+
 Arguments after `--` go to both benchmarks (same flag names on both sides). Before each run
 the script waits (up to --quiet-wait seconds) until no compiler runs on the machine, because
 a build on the same cores halves either side's speed.
@@ -55,13 +61,18 @@ def main():
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["pixart-forward", "pipeline", "gemm-floor"])
+    p.add_argument("command", choices=["pixart-forward", "pipeline", "gemm-floor", "parallel"])
+    p.add_argument("--modes", default="cfg,ulysses,ring,pipefusion",
+                   help="parallel: the --mode values to compare with the serial loop")
+    p.add_argument("--world", type=int, default=2, help="parallel: rank threads")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rust-bin", default=str(ROOT / "target" / "release" / "xfuser-bench"))
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--quiet-wait", type=float, default=300.0)
     args = p.parse_args(argv)
 
+    if args.command == "parallel":
+        return compare_parallel(args, extra)
     rust = [args.rust_bin, args.command, *extra]
     torch = [args.python, str(ROOT / "scripts" / "bench_pytorch.py"), args.command, *extra]
     rs, ts, ratios = [], [], []
@@ -79,6 +90,25 @@ def main():
     print(f"rust_median={statistics.median(rs):.4f}")
     print(f"torch_median={statistics.median(ts):.4f}")
     print(f"ratio={statistics.median(ratios):.3f}")
+
+
+def compare_parallel(args, extra):
+    modes = [m for m in args.modes.split(",") if m]
+    serial = [args.rust_bin, "pipeline", *extra]
+    ratios = {m: [] for m in modes}
+    for r in range(args.rounds):
+        wait_quiet(args.quiet_wait)
+        base = run(serial, "rust_seconds")
+        line = [f"round {r}: serial {base:.3f}s"]
+        for m in modes:
+            wait_quiet(args.quiet_wait)
+            cmd = [args.rust_bin, "parallel", "--mode", m, "--world", str(args.world), *extra]
+            t = run(cmd, "rust_seconds")
+            ratios[m].append(t / base)
+            line.append(f"{m} {t:.3f}s ({t / base:.3f})")
+        print(", ".join(line), flush=True)
+    for m in modes:
+        print(f"{m}_over_serial={statistics.median(ratios[m]):.3f}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
 //! - `pixart-forward`: one full-size PixArt-α transformer forward (random weights drawn here);
 //! - `pipeline`: the denoising loop with classifier-free guidance (transformer + DPM-Solver++);
 //! - `gemm-floor`: candle's sgemm rate on the forward's matrix products and the time they need;
-//! - `parallel`: the loop on `--world` rank threads with CFG, Ulysses or Ring parallelism
-//!   (PipeFusion: not available yet).
+//! - `parallel`: the loop on `--world` rank threads with CFG, Ulysses, Ring or PipeFusion
+//!   parallelism.
 //!
 //! Every timed subcommand prints `rust_seconds=<median>` and `gflops=<achieved>` as its last
 //! lines.
@@ -17,12 +17,14 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use xfuser_core::backbone::PipelineStage;
 use xfuser_core::backbone::{Backbone, BackboneInputs, ForwardContext, SpContext};
 use xfuser_core::distributed::runtime_state::input_metadata;
-use xfuser_core::distributed::{launch_local, LaunchOptions, RankMesh, ShapeParams};
+use xfuser_core::distributed::{launch_local, LaunchOptions, RankMesh, RankThreads, ShapeParams};
 use xfuser_core::engine::ParallelConfig;
 use xfuser_core::scheduler::Scheduler;
 use xfuser_pipelines::denoise::{denoise, Guidance, TextConditioning};
+use xfuser_pipelines::pipefusion::{denoise_pipefusion, PipeFusionConfig};
 use xfuser_schedulers::scheduling_dpmsolver_multistep::DPMSolverMultistepScheduler;
 use xfuser_transformers::pixart_transformer_2d::{Config, PixArtTransformer2DModel};
 
@@ -128,13 +130,23 @@ enum ParallelMode {
     Pipefusion,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct ParallelArgs {
     #[arg(long, value_enum)]
     mode: ParallelMode,
     /// Rank threads (the method's degree).
     #[arg(long, default_value_t = 2)]
     world: usize,
+    /// Run every rank's parallel work on the one global thread pool instead of a pool of its
+    /// own with its share of the cores (the runtime's default, `RankThreads::Split`).
+    #[arg(long)]
+    shared_pool: bool,
+    /// PipeFusion: patches per image (default: the degree, as xDiT).
+    #[arg(long)]
+    num_pipeline_patch: Option<usize>,
+    /// PipeFusion: steps run synchronously on the whole image first.
+    #[arg(long, default_value_t = 1)]
+    warmup_steps: usize,
     #[command(flatten)]
     pipeline: PipelineArgs,
 }
@@ -217,8 +229,14 @@ fn config(m: &ModelArgs) -> Result<Config> {
 }
 
 fn build_model(cfg: &Config) -> Result<PixArtTransformer2DModel> {
+    build_stage(cfg, None)
+}
+
+/// The whole model (`stage` None) or one PipeFusion stage of it; a weight is drawn from its
+/// name, so a stage's blocks equal the whole model's.
+fn build_stage(cfg: &Config, stage: Option<&PipelineStage>) -> Result<PixArtTransformer2DModel> {
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu);
-    PixArtTransformer2DModel::new(cfg, vb).context("building the PixArt transformer")
+    PixArtTransformer2DModel::new_stage(cfg, vb, stage).context("building the PixArt transformer")
 }
 
 fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
@@ -391,7 +409,7 @@ fn pixart_forward(args: &ForwardArgs) -> Result<()> {
     Ok(())
 }
 
-fn pipeline(args: &PipelineArgs, parallel: Option<(ParallelMode, usize)>) -> Result<()> {
+fn pipeline(args: &PipelineArgs, parallel: Option<&ParallelArgs>) -> Result<()> {
     let m = ModelArgs {
         resolution: args.resolution,
         batch: 2,
@@ -401,6 +419,19 @@ fn pipeline(args: &PipelineArgs, parallel: Option<(ParallelMode, usize)>) -> Res
     };
     let cfg = config(&m)?;
     let model = build_model(&cfg)?;
+    let stages = match parallel {
+        Some(p) if matches!(p.mode, ParallelMode::Pipefusion) => (0..p.world)
+            .map(|index| {
+                let stage = PipelineStage {
+                    index,
+                    num_stages: p.world,
+                    layer_counts: None,
+                };
+                build_stage(&cfg, Some(&stage))
+            })
+            .collect::<Result<Vec<_>>>()?,
+        _ => Vec::new(),
+    };
     let mut scheduler = DPMSolverMultistepScheduler::from_config(
         &serde_json::json!({}),
         std::path::Path::new("<bench: DPMSolverMultistepScheduler defaults>"),
@@ -457,8 +488,12 @@ fn pipeline(args: &PipelineArgs, parallel: Option<(ParallelMode, usize)>) -> Res
                 None,
                 &mut |_, _| Ok(()),
             )?,
-            Some((mode, world)) => {
-                parallel_loop(&model, &scheduler, &latents, &guidance, args, mode, world)?
+            Some(p) => {
+                let models = Models {
+                    whole: &model,
+                    stages: &stages,
+                };
+                parallel_loop(models, &scheduler, &latents, &guidance, p)?
             }
         };
         let s = t.elapsed().as_secs_f64();
@@ -520,17 +555,24 @@ fn gemm_floor(m: &ModelArgs) -> Result<()> {
     Ok(())
 }
 
-/// The loop on `world` rank threads (one process, the local backend), as the parallel
-/// runtime runs it; returns rank 0's latents.
+/// The transformer of a parallel run: the whole model, and one part per stage for PipeFusion.
+#[derive(Clone, Copy)]
+struct Models<'a> {
+    whole: &'a PixArtTransformer2DModel,
+    stages: &'a [PixArtTransformer2DModel],
+}
+
+/// The loop on `--world` rank threads (one process, the local backend), as the parallel
+/// runtime runs it; returns the latents of the rank that holds them (rank 0, or PipeFusion's
+/// last stage).
 fn parallel_loop(
-    model: &PixArtTransformer2DModel,
+    models: Models<'_>,
     scheduler: &DPMSolverMultistepScheduler,
     latents: &Tensor,
     guidance: &Guidance,
-    args: &PipelineArgs,
-    mode: ParallelMode,
-    world: usize,
+    p: &ParallelArgs,
 ) -> Result<Tensor> {
+    let (mode, world, args) = (p.mode, p.world, &p.pipeline);
     let config = match mode {
         ParallelMode::Cfg => ParallelConfig {
             use_cfg_parallel: true,
@@ -544,11 +586,14 @@ fn parallel_loop(
             ring_degree: world,
             ..Default::default()
         },
-        ParallelMode::Pipefusion => bail!(
-            "parallel --mode pipefusion: not available yet: the PipeFusion denoising loop is \
-             not wired into the pipelines yet"
-        ),
+        ParallelMode::Pipefusion => ParallelConfig {
+            pipefusion_parallel_degree: world,
+            num_pipeline_patch: p.num_pipeline_patch,
+            warmup_steps: p.warmup_steps,
+            ..Default::default()
+        },
     };
+    config.validate()?;
     let mesh = RankMesh::new(&config)?;
     if mesh.world_size() != world {
         bail!(
@@ -560,39 +605,71 @@ fn parallel_loop(
     let meta = input_metadata(
         args.resolution,
         args.resolution,
-        2,
+        1,
         args.steps,
         &ShapeParams {
             sp_degree: mesh.sp_degree(),
-            num_pipeline_patch: 1,
-            patch_size: model.info().patch_size,
+            num_pipeline_patch: config.pipeline_patches(),
+            patch_size: models.whole.info().patch_size,
             vae_scale_factor: 8,
         },
     )?;
-    let options = LaunchOptions::with_timeout(std::time::Duration::from_secs(3600));
+    let options = LaunchOptions {
+        threads: if p.shared_pool {
+            RankThreads::Shared
+        } else {
+            RankThreads::Split
+        },
+        ..LaunchOptions::with_timeout(std::time::Duration::from_secs(3600))
+    };
     let outs = launch_local(&mesh, &options, |rank| {
-        let (ctx, cfg_group) = match mode {
-            ParallelMode::Cfg => (ForwardContext::default(), Some(rank.cfg_group())),
-            _ => (
-                ForwardContext::sequence_parallel(
+        let no_steps = &mut |_, _| Ok(());
+        match mode {
+            ParallelMode::Pipefusion => {
+                let config = PipeFusionConfig {
+                    backbone: &models.stages[rank.coords().pp],
+                    scheduler,
+                    rank: &rank,
+                    metadata: &meta,
+                    warmup_steps: p.warmup_steps,
+                    zero_stale_kv: false,
+                };
+                denoise_pipefusion(&config, latents.clone(), guidance, None, no_steps)
+            }
+            ParallelMode::Cfg => denoise(
+                models.whole,
+                scheduler,
+                latents.clone(),
+                guidance,
+                &ForwardContext::default(),
+                Some(rank.cfg_group()),
+                None,
+                no_steps,
+            )
+            .map(Some),
+            ParallelMode::Ulysses | ParallelMode::Ring => {
+                let ctx = ForwardContext::sequence_parallel(
                     mode_name(mode),
                     SpContext::from_rank(&rank, meta.full.clone())?,
-                )?,
-                None,
-            ),
-        };
-        denoise(
-            model,
-            scheduler,
-            latents.clone(),
-            guidance,
-            &ctx,
-            cfg_group,
-            None,
-            &mut |_, _| Ok(()),
-        )
+                )?;
+                denoise(
+                    models.whole,
+                    scheduler,
+                    latents.clone(),
+                    guidance,
+                    &ctx,
+                    None,
+                    None,
+                    no_steps,
+                )
+                .map(Some)
+            }
+        }
     })?;
-    Ok(outs.into_iter().next().expect("rank 0"))
+    outs.into_iter()
+        .flatten()
+        .next()
+        .context("no rank returned the latents")
 }
 
 fn mode_name(mode: ParallelMode) -> &'static str {
@@ -605,14 +682,7 @@ fn mode_name(mode: ParallelMode) -> &'static str {
 }
 
 fn parallel(args: &ParallelArgs) -> Result<()> {
-    if matches!(args.mode, ParallelMode::Pipefusion) {
-        bail!(
-            "parallel --mode pipefusion --world {}: not available yet: the PipeFusion denoising \
-             loop is not wired into the pipelines yet",
-            args.world
-        );
-    }
-    pipeline(&args.pipeline, Some((args.mode, args.world)))
+    pipeline(&args.pipeline, Some(args))
 }
 
 fn main() -> Result<()> {
