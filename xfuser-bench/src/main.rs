@@ -147,6 +147,9 @@ struct ParallelArgs {
     /// PipeFusion: steps run synchronously on the whole image first.
     #[arg(long, default_value_t = 1)]
     warmup_steps: usize,
+    /// Print when each rank finishes each step (shows warmup and pipeline bubbles).
+    #[arg(long)]
+    trace_steps: bool,
     #[command(flatten)]
     pipeline: PipelineArgs,
 }
@@ -623,7 +626,16 @@ fn parallel_loop(
         ..LaunchOptions::with_timeout(std::time::Duration::from_secs(3600))
     };
     let outs = launch_local(&mesh, &options, |rank| {
-        let no_steps = &mut |_, _| Ok(());
+        let (start, me) = (Instant::now(), rank.rank());
+        let no_steps = &mut |i: usize, n: usize| {
+            if p.trace_steps {
+                eprintln!(
+                    "rank {me}: step {i}/{n} done at {:.3}s",
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            Ok(())
+        };
         match mode {
             ParallelMode::Pipefusion => {
                 let config = PipeFusionConfig {
