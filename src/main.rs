@@ -112,6 +112,8 @@ struct GenerateArgs {
 }
 
 fn main() {
+    // Activations are reused from the heap instead of fresh kernel-zeroed pages each time.
+    xfuser::core::alloc::keep_freed_memory_for_reuse();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

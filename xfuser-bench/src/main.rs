@@ -41,20 +41,6 @@ struct Cli {
     command: Command,
 }
 
-/// glibc's malloc serves allocations over its (adaptive) mmap threshold with fresh pages and
-/// hands freed memory at the heap top back to the kernel: every activation tensor of a
-/// forward then costs page faults and the kernel's zeroing of its pages. Keeping them in the
-/// heap makes them reusable, as torch's CPU allocator effectively does.
-fn tune_malloc() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before any threads start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
-    }
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// One PixArt-α transformer forward: warm-up, then the median of several.
@@ -700,7 +686,7 @@ fn parallel(args: &ParallelArgs) -> Result<()> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if !cli.system_malloc {
-        tune_malloc();
+        xfuser_core::alloc::keep_freed_memory_for_reuse();
     }
     match &cli.command {
         Command::PixartForward(a) => pixart_forward(a),

@@ -2,6 +2,7 @@
 //! registry, the torch-compatible random generator and the interfaces between backbones,
 //! schedulers, attention processors and the runtime.
 
+pub mod alloc;
 pub mod attention;
 pub mod backbone;
 pub mod config;
