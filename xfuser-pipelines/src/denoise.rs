@@ -71,12 +71,7 @@ pub fn denoise(
     mut generator: Option<&mut Generator>,
     on_step: &mut dyn FnMut(usize, usize) -> Result<()>,
 ) -> Result<Tensor> {
-    let timesteps = scheduler.timesteps().to_vec();
-    if timesteps.is_empty() {
-        return Err(Error::invalid(
-            "the scheduler has no timesteps: call set_timesteps with at least one step",
-        ));
-    }
+    let timesteps = schedule(scheduler)?.to_vec();
     let CfgBatch {
         cfg_group,
         doubled,
@@ -131,6 +126,17 @@ pub fn denoise(
         on_step(i + 1, timesteps.len())?;
     }
     Ok(latents)
+}
+
+/// The scheduler's timesteps; an error when there are none (set_timesteps was not called).
+pub(crate) fn schedule(scheduler: &dyn Scheduler) -> Result<&[f64]> {
+    let timesteps = scheduler.timesteps();
+    if timesteps.is_empty() {
+        return Err(Error::invalid(
+            "the scheduler has no timesteps: call set_timesteps with at least one step",
+        ));
+    }
+    Ok(timesteps)
 }
 
 /// Serial CFG with at least two compute threads: the negative and the positive half run as
@@ -293,5 +299,21 @@ pub(crate) fn drop_learned_sigma(prediction: &Tensor, latent_channels: usize) ->
         Ok(prediction.narrow(1, 0, latent_channels)?)
     } else {
         Ok(prediction.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xfuser_schedulers::scheduling_ddim::DDIMScheduler;
+
+    #[test]
+    fn a_schedule_without_timesteps_is_refused() {
+        let path = std::path::Path::new("scheduler_config.json");
+        let mut scheduler = DDIMScheduler::from_config(&serde_json::json!({}), path).unwrap();
+        let err = schedule(&scheduler).unwrap_err().to_string();
+        assert!(err.contains("call set_timesteps"), "{err}");
+        scheduler.set_timesteps(3).unwrap();
+        assert_eq!(schedule(&scheduler).unwrap().len(), 3);
     }
 }

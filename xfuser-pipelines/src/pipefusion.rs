@@ -50,7 +50,7 @@ use xfuser_core::{Error, Result};
 use xfuser_layers::pipefusion_attention::PipeFusionAttention;
 
 use crate::denoise::{
-    apply_guidance, cfg_batch, cfg_repeat, drop_learned_sigma, CfgBatch, Guidance,
+    apply_guidance, cfg_batch, cfg_repeat, drop_learned_sigma, schedule, CfgBatch, Guidance,
 };
 
 /// What a PipeFusion rank runs with.
@@ -386,12 +386,7 @@ pub fn denoise_pipefusion(
         ));
     }
     let scheduler = config.scheduler;
-    let steps = scheduler.timesteps().len();
-    if steps == 0 {
-        return Err(Error::invalid(
-            "the scheduler has no timesteps: call set_timesteps with at least one step",
-        ));
-    }
+    let steps = schedule(scheduler)?.len();
     let CfgBatch {
         cfg_group,
         doubled,
