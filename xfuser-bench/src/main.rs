@@ -84,6 +84,11 @@ struct ForwardArgs {
     /// Print the time of each part of the forward (embed, per-block, head) too.
     #[arg(long)]
     parts: bool,
+    /// Pass the same text tensor to every forward, so that its caption projection and
+    /// cross-attention keys/values come from the model's cache after the first (as in a
+    /// denoising loop); by default each forward gets a new tensor and computes them.
+    #[arg(long)]
+    reuse_text: bool,
 }
 
 #[derive(Args, Clone)]
@@ -356,21 +361,34 @@ fn pixart_forward(args: &ForwardArgs) -> Result<()> {
     let mask = Tensor::ones((m.batch, m.text_len), DType::F32, &Device::Cpu)?;
     let timestep = Tensor::full(999f32, m.batch, &Device::Cpu)?;
     let sizes = size_conditions(&cfg, m.batch, m.resolution)?;
-    let inputs = BackboneInputs {
-        hidden_states: &latent,
-        encoder_hidden_states: &text,
-        timestep: &timestep,
-        encoder_attention_mask: Some(&mask),
-        resolution: sizes.as_ref().map(|s| &s.0),
-        aspect_ratio: sizes.as_ref().map(|s| &s.1),
+    // A new text tensor for every forward unless --reuse-text: the model caches the caption
+    // projection and the cross-attention keys/values per text tensor (as a denoising loop
+    // reuses them), and torch recomputes them in every forward.
+    let text_for_forward = || -> Result<Tensor> {
+        Ok(if args.reuse_text {
+            text.clone()
+        } else {
+            text.copy()?
+        })
     };
     let ctx = ForwardContext::default();
     let flops = total_flops(&forward_gemms(&cfg, m));
-    for _ in 0..args.warmup {
-        model.forward(&inputs, &ctx)?;
-    }
     let mut times = Vec::new();
-    for i in 0..args.iters {
+    for i in 0..args.warmup + args.iters {
+        let text = text_for_forward()?;
+        let inputs = BackboneInputs {
+            hidden_states: &latent,
+            encoder_hidden_states: &text,
+            timestep: &timestep,
+            encoder_attention_mask: Some(&mask),
+            resolution: sizes.as_ref().map(|s| &s.0),
+            aspect_ratio: sizes.as_ref().map(|s| &s.1),
+        };
+        if i < args.warmup {
+            model.forward(&inputs, &ctx)?;
+            continue;
+        }
+        let i = i - args.warmup;
         let t = Instant::now();
         let out = if args.parts {
             let t_embed = Instant::now();

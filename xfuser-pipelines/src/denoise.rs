@@ -2,7 +2,7 @@
 //! stepped by a scheduler, as diffusers' pipelines run it.
 
 use candle_core::{DType, Tensor};
-use xfuser_core::backbone::{Backbone, BackboneInputs, ForwardContext};
+use xfuser_core::backbone::{in_two_streams, Backbone, BackboneInputs, ForwardContext};
 use xfuser_core::distributed::ProcessGroup;
 use xfuser_core::random::Generator;
 use xfuser_core::scheduler::Scheduler;
@@ -148,7 +148,7 @@ pub(crate) fn schedule(scheduler: &dyn Scheduler) -> Result<&[f64]> {
 /// doubled batch (docs/performance.md): two single-threaded streams keep both cores busy
 /// without a fork/join per op.
 struct CfgStreams {
-    pools: [rayon::ThreadPool; 2],
+    threads: usize,
     /// (embeds, mask) of the negative side, then the positive one.
     sides: [(Tensor, Tensor); 2],
 }
@@ -161,15 +161,8 @@ impl CfgStreams {
         if threads < 2 || !guidance.uses_cfg() || ctx.sp.is_some() || ctx.attention.is_some() {
             return Ok(None);
         }
-        let pool = |n: usize| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .thread_name(|i| format!("xfuser-cfg-{i}"))
-                .build()
-                .map_err(|e| Error::invalid(format!("could not start the CFG threads: {e}")))
-        };
         Ok(Some(Self {
-            pools: [pool(threads / 2)?, pool(threads - threads / 2)?],
+            threads,
             sides: [own_cfg_half(guidance, 0)?, own_cfg_half(guidance, 1)?],
         }))
     }
@@ -183,7 +176,7 @@ impl CfgStreams {
         guidance: &Guidance,
         ctx: &ForwardContext,
     ) -> Result<Tensor> {
-        let half = |i: usize| {
+        let (negative, positive) = in_two_streams(self.threads, |i| {
             let (embeds, mask) = &self.sides[i];
             let inputs = BackboneInputs {
                 hidden_states: model_input,
@@ -193,17 +186,9 @@ impl CfgStreams {
                 resolution: guidance.resolution.as_ref(),
                 aspect_ratio: guidance.aspect_ratio.as_ref(),
             };
-            self.pools[i].install(|| backbone.forward(&inputs, ctx))
-        };
-        let (negative, positive) = std::thread::scope(|scope| {
-            let negative = scope.spawn(|| half(0));
-            let positive = half(1);
-            let negative = negative
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (negative, positive)
-        });
-        Ok(Tensor::cat(&[negative?, positive?], 0)?)
+            backbone.forward(&inputs, ctx)
+        })?;
+        Ok(Tensor::cat(&[negative, positive], 0)?)
     }
 }
 

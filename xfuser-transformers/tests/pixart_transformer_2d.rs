@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 use xfuser_core::attention::{AttentionProcessor, SerialAttention};
-use xfuser_core::backbone::{Backbone, BackboneInputs, ForwardContext};
+use xfuser_core::backbone::{forward_in_two_streams, Backbone, BackboneInputs, ForwardContext};
 use xfuser_core::registry::{self, Kind, LoadOptions};
 use xfuser_core::testing::{fixtures_dir, load_goldens, max_abs_diff, rel_l2};
 use xfuser_transformers::pixart_transformer_2d::CLASS_NAME;
@@ -66,7 +66,7 @@ fn split_forward_equals_whole() {
         let model = load(model_name);
         let io = goldens(model_name, case);
         let (inputs, ctx) = (inputs(&io), ForwardContext::default());
-        let whole = model.forward(&inputs, &ctx).unwrap();
+        let whole = model.forward_one_stream(&inputs, &ctx).unwrap();
         let n = model.info().num_layers;
         for k in 0..=n {
             let state = model.embed(&inputs, &ctx).unwrap();
@@ -79,6 +79,52 @@ fn split_forward_equals_whole() {
                 "{model_name}: split at {k}"
             );
         }
+    }
+}
+
+/// A batch of 2 on 2 or 3 threads runs as two concurrent halves; on 1 thread, or with a
+/// batch of 1, as one stream. Both agree with each other and with diffusers.
+#[test]
+fn batch_streams_equal_one_stream() {
+    let on_threads = |threads: usize, f: &(dyn Fn() -> Option<Tensor> + Sync)| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(f)
+    };
+    for (model_name, case) in [("alpha", "nonsquare_mask"), ("sigma", "batch_mask")] {
+        let model = load(model_name);
+        let io = goldens(model_name, case);
+        let (inputs, ctx) = (inputs(&io), ForwardContext::default());
+        assert_eq!(inputs.hidden_states.dim(0).unwrap(), 2, "a batch of 2");
+        let streams = |threads| {
+            on_threads(threads, &|| {
+                forward_in_two_streams(model.as_ref(), &inputs, &ctx).unwrap()
+            })
+        };
+        assert!(streams(1).is_none(), "one thread: one stream");
+        let one = model.forward_one_stream(&inputs, &ctx).unwrap();
+        for threads in [2, 3] {
+            let two = streams(threads).expect("two streams");
+            let err = rel_l2(&two, &one).unwrap();
+            assert!(
+                err <= 1e-6,
+                "{model_name}/{case}, {threads} threads: {err:.3e}"
+            );
+            let err = rel_l2(&two, &io["output"]).unwrap();
+            assert!(err <= 1e-5, "{model_name}/{case} vs diffusers: {err:.3e}");
+        }
+        let first = inputs.hidden_states.narrow(0, 0, 1).unwrap();
+        let single = BackboneInputs {
+            hidden_states: &first,
+            ..inputs
+        };
+        assert!(
+            on_threads(2, &|| forward_in_two_streams(model.as_ref(), &single, &ctx)
+                .unwrap())
+            .is_none()
+        );
     }
 }
 
