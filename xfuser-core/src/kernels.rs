@@ -178,7 +178,69 @@ pub fn matmul_t(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
     let rows = xs.elem_count() / din.max(1);
     let mut out_dims = dims;
     *out_dims.last_mut().expect("rank >= 1") = w.dim(0)?;
+    if let Some(out) = sgemm_t(&xs, w, rows, din)? {
+        return output(out, out_dims);
+    }
     xs.reshape((rows, din))?.matmul(&w.t()?)?.reshape(out_dims)
+}
+
+/// The f32 CPU product of [`matmul_t`] by the `gemm` crate directly (None for other inputs):
+/// unlike candle's matmul it does not zero the output before gemm overwrites it, and it
+/// splits the product over the threads of the calling rayon pool (a rank's or a stream's
+/// share), where candle splits it over the process-wide thread count.
+fn sgemm_t(xs: &Tensor, w: &Tensor, rows: usize, din: usize) -> Result<Option<Vec<f32>>> {
+    if !fast_path(&[xs]) || !is_cpu_f32(w) || w.rank() != 2 || w.dim(1)? != din {
+        return Ok(None);
+    }
+    let dout = w.dim(0)?;
+    let (w_storage, w_layout) = w.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(w_data)) = &*w_storage else {
+        return Ok(None);
+    };
+    let (w_rows, w_cols) = (w_layout.stride()[0], w_layout.stride()[1]);
+    let w_start = w_layout.start_offset();
+    // The last element the strides reach must lie inside the storage.
+    let w_last = w_start + (dout.max(1) - 1) * w_rows + (din.max(1) - 1) * w_cols;
+    if rows == 0 || dout == 0 || din == 0 || w_last >= w_data.len() {
+        return Ok(None);
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    with_f32(xs, |x| {
+        let mut out: Vec<f32> = Vec::with_capacity(rows * dout);
+        // SAFETY: x is (rows, din) row-major; w's element (j, k) is at w_start + j·w_rows +
+        // k·w_cols, inside w_data (checked above); out has room for (rows, dout), which gemm
+        // writes in full (read_dst false), before set_len exposes it.
+        unsafe {
+            gemm::gemm(
+                rows,
+                dout,
+                din,
+                out.as_mut_ptr(),
+                1,
+                dout as isize,
+                false,
+                x.as_ptr(),
+                1,
+                din as isize,
+                w_data.as_ptr().add(w_start),
+                w_rows as isize,
+                w_cols as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+            out.set_len(rows * dout);
+        }
+        Ok(Some(out))
+    })
 }
 
 multiversion! {
@@ -880,6 +942,47 @@ mod tests {
         }
         assert!(exp_f32(-1e4) < 1e-37 && exp_f32(-1e4) >= 0.0);
         assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn matmul_t_matches_candle_on_every_weight_layout() {
+        let x = randn(&[2, 7, 12]);
+        let w = randn(&[5, 12]);
+        let expect = x
+            .reshape((14, 12))
+            .unwrap()
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .reshape((2, 7, 5))
+            .unwrap();
+        let friendly = gemm_friendly_weight(&w).unwrap();
+        assert!(!friendly.is_contiguous(), "stored column-major");
+        // A weight that is a view into a larger storage (offset and row stride).
+        let wide = randn(&[6, 20]);
+        let view = wide.narrow(0, 1, 5).unwrap().narrow(1, 3, 12).unwrap();
+        let expect_view = x
+            .reshape((14, 12))
+            .unwrap()
+            .matmul(&view.t().unwrap())
+            .unwrap()
+            .reshape((2, 7, 5))
+            .unwrap();
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                assert!(rel(&matmul_t(&x, &w).unwrap(), &expect) < 1e-6);
+                assert!(rel(&matmul_t(&x, &friendly).unwrap(), &expect) < 1e-6);
+                assert!(rel(&matmul_t(&x, &view).unwrap(), &expect_view) < 1e-6);
+            });
+        }
+        // Other dtypes take candle's matmul.
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        let w64 = w.to_dtype(DType::F64).unwrap();
+        let got = matmul_t(&x64, &w64).unwrap().to_dtype(DType::F32).unwrap();
+        assert!(rel(&got, &expect) < 1e-6);
     }
 
     #[test]
