@@ -521,15 +521,28 @@ fn time_gemm(g: &Gemm) -> Result<f64> {
     // A row-major (k, n) rhs: the layout the model's linear layers use
     // (xfuser_core::kernels::gemm_friendly_weight).
     let b = randn(&[g.batch, g.k, g.n], 12)?;
+    // Single products go the linear layers' way, kernels::matmul_t with the (n, k) weight
+    // stored column-major; batched ones (attention) through candle's batched matmul.
+    let single = if g.batch == 1 {
+        Some((a.reshape((g.m, g.k))?, b.reshape((g.k, g.n))?.t()?))
+    } else {
+        None
+    };
+    let product = || -> Result<Tensor> {
+        Ok(match &single {
+            Some((a, w)) => xfuser_core::kernels::matmul_t(a, w)?,
+            None => a.matmul(&b)?,
+        })
+    };
     let flops = 2.0 * (g.batch * g.m * g.k * g.n) as f64;
     // Enough repetitions for ~0.2 s per sample.
     let reps = ((0.2e9 * 100.0 / flops) as usize).clamp(1, 2000);
-    a.matmul(&b)?;
+    product()?;
     let mut samples = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
         for _ in 0..reps {
-            a.matmul(&b)?;
+            product()?;
         }
         samples.push(t.elapsed().as_secs_f64() / reps as f64);
     }
