@@ -84,6 +84,12 @@ impl ForwardContext {
             sp: Some(sp),
         })
     }
+
+    /// True for a forward on one rank with the serial attention: its rows may be computed in
+    /// independent streams, since no processor exchanges with peers once per forward.
+    pub fn is_serial(&self) -> bool {
+        self.sp.is_none() && self.attention.is_none()
+    }
 }
 
 /// Sequence parallelism as one rank sees it in one forward: its sp group and the two groups
@@ -388,7 +394,7 @@ pub fn forward_in_two_streams<B: Backbone + ?Sized>(
 ) -> Result<Option<Tensor>> {
     let batch = inputs.hidden_states.dim(0)?;
     let threads = rayon::current_num_threads();
-    if batch < 2 || threads < 2 || ctx.sp.is_some() || ctx.attention.is_some() {
+    if batch < 2 || threads < 2 || !ctx.is_serial() {
         return Ok(None);
     }
     let halves = [

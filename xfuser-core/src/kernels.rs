@@ -216,24 +216,11 @@ fn sgemm_t(xs: &Tensor, w: &Tensor, rows: usize, din: usize) -> Result<Option<Ve
         // k·w_cols, inside w_data (checked above); out has room for (rows, dout), which gemm
         // writes in full (read_dst false), before set_len exposes it.
         unsafe {
-            gemm::gemm(
-                rows,
-                dout,
-                din,
-                out.as_mut_ptr(),
-                1,
-                dout as isize,
-                false,
-                x.as_ptr(),
-                1,
-                din as isize,
-                w_data.as_ptr().add(w_start),
-                w_rows as isize,
-                w_cols as isize,
-                0.0,
-                1.0,
-                false,
-                false,
+            gemm_strided(
+                (rows, dout, din),
+                (out.as_mut_ptr(), dout, 1),
+                (x.as_ptr(), din, 1),
+                (w_data.as_ptr().add(w_start), w_cols, w_rows),
                 false,
                 parallelism,
             );
@@ -656,19 +643,19 @@ pub fn attention_split_heads(
     fused_attention(q, k, v, bias, scale, HeadsLayout::Split)
 }
 
-/// `dst (m×n) = lhs (m×k)·rhs (k×n)` on one thread, or `dst += …` with `accumulate`; every
-/// matrix given by its pointer and (row, column) strides.
+/// `dst (m×n) = lhs (m×k)·rhs (k×n)`, or `dst += …` with `accumulate`, split as
+/// `parallelism` says; every matrix given by its pointer and (row, column) strides.
 ///
 /// # Safety
 /// Every pointer must be valid for the elements its strides and sizes reach, and `dst` must
-/// not be written by anyone else meanwhile.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_1t(
+/// not be read or written by anyone else meanwhile (nor read at all without `accumulate`).
+unsafe fn gemm_strided(
     (m, n, k): (usize, usize, usize),
     dst: (*mut f32, usize, usize),
     lhs: (*const f32, usize, usize),
     rhs: (*const f32, usize, usize),
     accumulate: bool,
+    parallelism: gemm::Parallelism,
 ) {
     gemm::gemm(
         m,
@@ -689,8 +676,22 @@ unsafe fn gemm_1t(
         false,
         false,
         false,
-        gemm::Parallelism::None,
+        parallelism,
     );
+}
+
+/// [`gemm_strided`] on the calling thread alone.
+///
+/// # Safety
+/// As for [`gemm_strided`].
+unsafe fn gemm_1t(
+    dims: (usize, usize, usize),
+    dst: (*mut f32, usize, usize),
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    accumulate: bool,
+) {
+    gemm_strided(dims, dst, lhs, rhs, accumulate, gemm::Parallelism::None)
 }
 
 /// The fused attention of [`attention_merged`], writing `layout`; None when the inputs do not

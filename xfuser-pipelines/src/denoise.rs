@@ -158,7 +158,7 @@ impl CfgStreams {
     /// processor exchanges with peers once per forward, in order).
     fn new(guidance: &Guidance, ctx: &ForwardContext) -> Result<Option<Self>> {
         let threads = rayon::current_num_threads();
-        if threads < 2 || !guidance.uses_cfg() || ctx.sp.is_some() || ctx.attention.is_some() {
+        if threads < 2 || !guidance.uses_cfg() || !ctx.is_serial() {
             return Ok(None);
         }
         Ok(Some(Self {
