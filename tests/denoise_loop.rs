@@ -6,11 +6,13 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use candle_core::Tensor;
-use xfuser::core::backbone::{Backbone, BackboneInfo, BackboneInputs, BlockState, ForwardContext};
+use xfuser::core::backbone::{
+    names, Backbone, BackboneInfo, BackboneInputs, BlockState, Conditioning, ForwardContext,
+};
 use xfuser::core::registry::{load_scheduler, load_transformer, LoadOptions};
 use xfuser::core::testing::{fixtures_dir, load_goldens, rel_l2};
 use xfuser::core::Result;
-use xfuser::pipelines::denoise::{denoise, Guidance, TextConditioning};
+use xfuser::pipelines::denoise::{denoise, Guidance};
 
 #[derive(serde::Deserialize)]
 struct Case {
@@ -63,12 +65,19 @@ fn run_loop_here(name: &str) -> (Tensor, Tensor, Vec<usize>) {
     assert_eq!(scheduler.timesteps(), expected_timesteps.as_slice());
 
     let text = |prefix: &str| {
-        Some(TextConditioning {
-            embeds: golden.get(&format!("{prefix}prompt_embeds"))?.clone(),
-            mask: golden
-                .get(&format!("{prefix}prompt_attention_mask"))?
-                .clone(),
-        })
+        Some(
+            Conditioning::new()
+                .with(
+                    names::ENCODER_HIDDEN_STATES,
+                    golden.get(&format!("{prefix}prompt_embeds"))?.clone(),
+                )
+                .with(
+                    names::ENCODER_ATTENTION_MASK,
+                    golden
+                        .get(&format!("{prefix}prompt_attention_mask"))?
+                        .clone(),
+                ),
+        )
     };
     let guidance = Guidance {
         positive: text("").expect("prompt embeddings"),
@@ -78,8 +87,6 @@ fn run_loop_here(name: &str) -> (Tensor, Tensor, Vec<usize>) {
             None
         },
         guidance_scale: case.guidance_scale,
-        resolution: None,
-        aspect_ratio: None,
     };
     let latents = (golden["initial_latents"].clone() * scheduler.init_noise_sigma()).unwrap();
     let mut steps = 0;

@@ -326,10 +326,9 @@ fn dummy_state() -> xfuser::core::backbone::BlockState {
     let z = Tensor::zeros((1, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap();
     xfuser::core::backbone::BlockState {
         hidden: z.clone(),
-        encoder: z.clone(),
+        encoder: Some(z),
         encoder_bias: None,
-        block_conditioning: z.clone(),
-        head_conditioning: z,
+        conditioning: Default::default(),
         grid: (1, 1),
     }
 }

@@ -18,15 +18,19 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use xfuser_core::backbone::PipelineStage;
-use xfuser_core::backbone::{Backbone, BackboneInputs, ForwardContext, SpContext};
+use xfuser_core::backbone::{
+    names, Backbone, BackboneInputs, Conditioning, ForwardContext, SpContext,
+};
 use xfuser_core::distributed::runtime_state::input_metadata;
 use xfuser_core::distributed::{launch_local, LaunchOptions, RankMesh, RankThreads, ShapeParams};
 use xfuser_core::engine::ParallelConfig;
 use xfuser_core::scheduler::Scheduler;
-use xfuser_pipelines::denoise::{denoise, Guidance, TextConditioning};
+use xfuser_pipelines::denoise::{denoise, Guidance};
 use xfuser_pipelines::pipefusion::{denoise_pipefusion, PipeFusionConfig};
 use xfuser_schedulers::scheduling_dpmsolver_multistep::DPMSolverMultistepScheduler;
-use xfuser_transformers::pixart_transformer_2d::{Config, PixArtTransformer2DModel};
+use xfuser_transformers::pixart_transformer_2d::{
+    Config, PixArtTransformer2DModel, ASPECT_RATIO, RESOLUTION,
+};
 
 #[derive(Parser)]
 #[command(
@@ -244,17 +248,27 @@ fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
 }
 
 /// Micro-conditioning inputs when the config uses them: (B, 2) resolution, (B, 1) aspect ratio.
-fn size_conditions(cfg: &Config, batch: usize, res: usize) -> Result<Option<(Tensor, Tensor)>> {
-    if !cfg.use_additional_conditions() {
-        return Ok(None);
+/// A PixArt forward's conditioning: the text, its mask (all ones), and the micro-conditioning
+/// of a square `res` image when the model uses it.
+fn pixart_conditioning(cfg: &Config, text: Tensor, res: usize) -> Result<Conditioning> {
+    let (batch, len, _) = text.dims3()?;
+    let mut conditioning = Conditioning::new()
+        .with(names::ENCODER_HIDDEN_STATES, text)
+        .with(
+            names::ENCODER_ATTENTION_MASK,
+            Tensor::ones((batch, len), DType::F32, &Device::Cpu)?,
+        );
+    if cfg.use_additional_conditions() {
+        let r = Tensor::from_vec(
+            [res as f32, res as f32].repeat(batch),
+            (batch, 2),
+            &Device::Cpu,
+        )?;
+        let a = Tensor::from_vec(vec![1f32; batch], (batch, 1), &Device::Cpu)?;
+        conditioning.insert(RESOLUTION, r);
+        conditioning.insert(ASPECT_RATIO, a);
     }
-    let r = Tensor::from_vec(
-        [res as f32, res as f32].repeat(batch),
-        (batch, 2),
-        &Device::Cpu,
-    )?;
-    let a = Tensor::from_vec(vec![1f32; batch], (batch, 1), &Device::Cpu)?;
-    Ok(Some((r, a)))
+    Ok(conditioning)
 }
 
 /// One matrix-product shape of the forward: `count` products of (m, k)·(k, n).
@@ -358,9 +372,7 @@ fn pixart_forward(args: &ForwardArgs) -> Result<()> {
     let latent = randn(&[m.batch, cfg.in_channels, lat, lat], 1)?;
     let caption = cfg.caption_channels.unwrap_or(cfg.inner_dim());
     let text = randn(&[m.batch, m.text_len, caption], 2)?;
-    let mask = Tensor::ones((m.batch, m.text_len), DType::F32, &Device::Cpu)?;
     let timestep = Tensor::full(999f32, m.batch, &Device::Cpu)?;
-    let sizes = size_conditions(&cfg, m.batch, m.resolution)?;
     // A new text tensor for every forward unless --reuse-text: the model caches the caption
     // projection and the cross-attention keys/values per text tensor (as a denoising loop
     // reuses them), and torch recomputes them in every forward.
@@ -375,14 +387,11 @@ fn pixart_forward(args: &ForwardArgs) -> Result<()> {
     let flops = total_flops(&forward_gemms(&cfg, m));
     let mut times = Vec::new();
     for i in 0..args.warmup + args.iters {
-        let text = text_for_forward()?;
+        let conditioning = pixart_conditioning(&cfg, text_for_forward()?, m.resolution)?;
         let inputs = BackboneInputs {
             hidden_states: &latent,
-            encoder_hidden_states: &text,
             timestep: &timestep,
-            encoder_attention_mask: Some(&mask),
-            resolution: sizes.as_ref().map(|s| &s.0),
-            aspect_ratio: sizes.as_ref().map(|s| &s.1),
+            conditioning: &conditioning,
         };
         if i < args.warmup {
             model.forward(&inputs, &ctx)?;
@@ -446,35 +455,28 @@ fn pipeline(args: &PipelineArgs, parallel: Option<&ParallelArgs>) -> Result<()> 
     scheduler.set_timesteps(args.steps)?;
     let lat = args.resolution / 8;
     let caption = cfg.caption_channels.unwrap_or(cfg.inner_dim());
-    let text = |seed| -> Result<TextConditioning> {
-        Ok(TextConditioning {
-            embeds: randn(&[1, args.text_len, caption], seed)?,
-            mask: Tensor::ones((1, args.text_len), DType::F32, &Device::Cpu)?,
-        })
+    let text = |seed| -> Result<Conditioning> {
+        pixart_conditioning(
+            &cfg,
+            randn(&[1, args.text_len, caption], seed)?,
+            args.resolution,
+        )
     };
-    let sizes = size_conditions(&cfg, 1, args.resolution)?;
     let guidance = Guidance {
         positive: text(2)?,
         negative: Some(text(3)?),
         guidance_scale: args.guidance_scale,
-        resolution: sizes.as_ref().map(|s| s.0.clone()),
-        aspect_ratio: sizes.as_ref().map(|s| s.1.clone()),
     };
     let latents = (randn(&[1, cfg.in_channels, lat, lat], 1)? * scheduler.init_noise_sigma())?;
     let ctx = ForwardContext::default();
     if args.warmup > 0 {
-        let embeds = Tensor::cat(&[&guidance.positive.embeds, &guidance.positive.embeds], 0)?;
+        let conditioning = Conditioning::cat_batch(&[&guidance.positive, &guidance.positive])?;
         let input = Tensor::cat(&[&latents, &latents], 0)?;
-        let mask = Tensor::ones((2, args.text_len), DType::F32, &Device::Cpu)?;
         let timestep = Tensor::full(999f32, 2, &Device::Cpu)?;
-        let sizes2 = size_conditions(&cfg, 2, args.resolution)?;
         let inputs = BackboneInputs {
             hidden_states: &input,
-            encoder_hidden_states: &embeds,
             timestep: &timestep,
-            encoder_attention_mask: Some(&mask),
-            resolution: sizes2.as_ref().map(|s| &s.0),
-            aspect_ratio: sizes2.as_ref().map(|s| &s.1),
+            conditioning: &conditioning,
         };
         for _ in 0..args.warmup {
             model.forward(&inputs, &ctx)?;

@@ -4,6 +4,7 @@
 //! last stage). The runtime can thus run any registered backbone stage by stage and patch by
 //! patch without knowing its insides.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -13,44 +14,173 @@ use crate::attention::AttentionProcessor;
 use crate::distributed::{Patch, ProcessGroup, RankContext, SpSlice};
 use crate::{Error, Result};
 
-/// Inputs of one denoising forward, named as in diffusers.
+/// Per-sample tensors a backbone is conditioned on, by name, every one batch-first (dim 0 is
+/// the batch row). The runtime moves them without knowing what they mean: it takes a
+/// data-parallel group's rows, joins the negative and positive halves of classifier-free
+/// guidance along the batch, and hands them to the backbone, which reads the names it knows
+/// ([`Conditioning::require`] names the missing one in its error). Names shared by several
+/// models are the constants of [`names`]; a model may define its own (PixArt-α's
+/// `resolution` and `aspect_ratio`).
+#[derive(Debug, Clone, Default)]
+pub struct Conditioning {
+    tensors: BTreeMap<String, Tensor>,
+}
+
+/// The conditioning names the pipelines of more than one model use, as diffusers names the
+/// transformer arguments.
+pub mod names {
+    /// (B, L, text_dim) text-encoder output.
+    pub const ENCODER_HIDDEN_STATES: &str = "encoder_hidden_states";
+    /// (B, L), 1 where a text token is attended to, 0 where it is padding.
+    pub const ENCODER_ATTENTION_MASK: &str = "encoder_attention_mask";
+    /// (B, pooled_dim) pooled text projections (SD3, Flux).
+    pub const POOLED_PROJECTIONS: &str = "pooled_projections";
+    /// (B,) an embedded guidance value (Flux-dev).
+    pub const GUIDANCE: &str = "guidance";
+    /// (B,) class labels (class-conditional DiT).
+    pub const CLASS_LABELS: &str = "class_labels";
+}
+
+impl Conditioning {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) the tensor `name`; builder style.
+    pub fn with(mut self, name: impl Into<String>, tensor: Tensor) -> Self {
+        self.insert(name, tensor);
+        self
+    }
+
+    pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) {
+        self.tensors.insert(name.into(), tensor);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    /// The tensor `name`, or an error that says `model` needs it.
+    pub fn require(&self, name: &str, model: &str) -> Result<&Tensor> {
+        self.get(name).ok_or_else(|| {
+            Error::invalid(format!(
+                "{model} needs the conditioning input `{name}`, which the pipeline did not give \
+                 (given: {})",
+                self.describe()
+            ))
+        })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    fn describe(&self) -> String {
+        if self.tensors.is_empty() {
+            return "none".into();
+        }
+        self.names().collect::<Vec<_>>().join(", ")
+    }
+
+    /// The rows `start..start + len` of every tensor.
+    pub fn narrow_batch(&self, start: usize, len: usize) -> Result<Self> {
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), t.narrow(0, start, len)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { tensors })
+    }
+
+    /// The parts joined along the batch, name by name; every part must hold the same names.
+    pub fn cat_batch(parts: &[&Conditioning]) -> Result<Self> {
+        let Some(first) = parts.first() else {
+            return Ok(Self::default());
+        };
+        let mut tensors = BTreeMap::new();
+        for (name, _) in first.tensors.iter() {
+            let all = parts
+                .iter()
+                .map(|p| {
+                    p.get(name).ok_or_else(|| {
+                        Error::invalid(format!(
+                            "conditioning halves differ: one has `{name}`, another only {}",
+                            p.describe()
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            tensors.insert(name.clone(), Tensor::cat(&all, 0)?);
+        }
+        if parts.iter().any(|p| p.tensors.len() != first.tensors.len()) {
+            return Err(Error::invalid(format!(
+                "conditioning halves differ: their names are not all {}",
+                first.describe()
+            )));
+        }
+        Ok(Self { tensors })
+    }
+}
+
+/// Inputs of one denoising forward.
 #[derive(Debug, Clone, Copy)]
 pub struct BackboneInputs<'a> {
-    /// (B, C, H, W) noisy latents.
+    /// (B, C, H, W) noisy latents, in image layout whatever the model's token layout (a
+    /// model that packs patches, as Flux does, packs them in `embed`).
     pub hidden_states: &'a Tensor,
-    /// (B, L, caption_channels) text-encoder output.
-    pub encoder_hidden_states: &'a Tensor,
-    /// (B,) diffusion timesteps.
+    /// (B,) diffusion timesteps (one value is repeated over the batch), on the scale the
+    /// scheduler gives them.
     pub timestep: &'a Tensor,
-    /// (B, L), 1 where a text token is attended to, 0 where it is padding.
-    pub encoder_attention_mask: Option<&'a Tensor>,
-    /// PixArt-α micro-conditioning: (B, 2) image resolution (height, width).
-    pub resolution: Option<&'a Tensor>,
-    /// PixArt-α micro-conditioning: (B, 1) aspect ratio.
-    pub aspect_ratio: Option<&'a Tensor>,
+    /// Everything else the model is conditioned on.
+    pub conditioning: &'a Conditioning,
 }
 
 /// The activations that flow between `embed`, the blocks and `head`.
 #[derive(Debug, Clone)]
 pub struct BlockState {
-    /// (B, N, D) image tokens.
+    /// (B, N, D) image tokens (a sequence-parallel rank's slice, a PipeFusion patch's rows).
     pub hidden: Tensor,
-    /// (B, L, D) text tokens after the caption projection.
-    pub encoder: Tensor,
-    /// Additive bias on the text keys, broadcastable to (B, H, N, L); None when nothing is masked.
+    /// (B, L, D_text) the text stream: read by cross-attention (PixArt), or attended to
+    /// jointly and updated by the blocks (SD3, Flux; see [`BackboneInfo::updates_text_stream`]).
+    /// Whole on every sequence-parallel rank. None for a model without text.
+    pub encoder: Option<Tensor>,
+    /// Additive bias on the text keys, broadcastable to (B, H, N, L); None when nothing is
+    /// masked.
     pub encoder_bias: Option<Tensor>,
-    /// Per-sample conditioning each block reads (PixArt: adaLN-single's (B, 6·D)).
-    pub block_conditioning: Tensor,
-    /// Per-sample conditioning the head reads (PixArt: the embedded timestep, (B, D)).
-    pub head_conditioning: Tensor,
+    /// The model's own per-forward tensors that blocks and head read (PixArt: adaLN-single's
+    /// outputs; SD3: the combined timestep/text embedding). The runtime never reads them.
+    pub conditioning: Conditioning,
     /// The latent token grid (rows, columns) in patches, for unpatchify.
     pub grid: (usize, usize),
+}
+
+impl BlockState {
+    /// The model-own conditioning tensor `name` that `embed` stored.
+    pub fn conditioning(&self, name: &str) -> Result<&Tensor> {
+        self.conditioning.get(name).ok_or_else(|| {
+            Error::invalid(format!(
+                "the block state lacks `{name}`: it was not made by this model's embed"
+            ))
+        })
+    }
+
+    /// The text stream, or an error naming `model`, which needs one.
+    pub fn text(&self, model: &str) -> Result<&Tensor> {
+        self.encoder
+            .as_ref()
+            .ok_or_else(|| Error::invalid(format!("{model}: the block state has no text stream")))
+    }
 }
 
 /// Static facts about a backbone that the runtime validates parallel configurations against.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackboneInfo {
     pub class_name: &'static str,
+    /// Transformer blocks, the unit PipeFusion stages split.
     pub num_layers: usize,
     pub num_attention_heads: usize,
     pub attention_head_dim: usize,
@@ -59,7 +189,12 @@ pub struct BackboneInfo {
     pub patch_size: usize,
     /// Latent side length the model was trained at (diffusers' `sample_size`).
     pub sample_size: usize,
+    /// Width of the text embeddings the model takes (`encoder_hidden_states`' last dim).
     pub caption_channels: usize,
+    /// Whether the blocks update the text stream (joint attention: SD3, Flux). PipeFusion then
+    /// passes the text stream from stage to stage together with the image tokens; otherwise
+    /// every stage recomputes it from the inputs.
+    pub updates_text_stream: bool,
 }
 
 /// How a forward is run: which attention processor does self-attention and, for sequence
@@ -346,35 +481,29 @@ pub trait Backbone: Send + Sync {
 /// The rows `start..start + len` of every batched input.
 struct BatchRows {
     hidden_states: Tensor,
-    encoder_hidden_states: Tensor,
     timestep: Tensor,
-    encoder_attention_mask: Option<Tensor>,
-    resolution: Option<Tensor>,
-    aspect_ratio: Option<Tensor>,
+    conditioning: Conditioning,
 }
 
 impl BatchRows {
     fn of(inputs: &BackboneInputs, start: usize, len: usize) -> Result<Self> {
-        let rows = |t: &Tensor| t.narrow(0, start, len);
-        let some_rows = |t: Option<&Tensor>| t.map(rows).transpose();
+        let timestep = match inputs.timestep.flatten_all()? {
+            // One value stands for the whole batch.
+            t if t.dim(0)? == 1 => t,
+            t => t.narrow(0, start, len)?,
+        };
         Ok(Self {
-            hidden_states: rows(inputs.hidden_states)?,
-            encoder_hidden_states: rows(inputs.encoder_hidden_states)?,
-            timestep: rows(inputs.timestep)?,
-            encoder_attention_mask: some_rows(inputs.encoder_attention_mask)?,
-            resolution: some_rows(inputs.resolution)?,
-            aspect_ratio: some_rows(inputs.aspect_ratio)?,
+            hidden_states: inputs.hidden_states.narrow(0, start, len)?,
+            timestep,
+            conditioning: inputs.conditioning.narrow_batch(start, len)?,
         })
     }
 
     fn inputs(&self) -> BackboneInputs<'_> {
         BackboneInputs {
             hidden_states: &self.hidden_states,
-            encoder_hidden_states: &self.encoder_hidden_states,
             timestep: &self.timestep,
-            encoder_attention_mask: self.encoder_attention_mask.as_ref(),
-            resolution: self.resolution.as_ref(),
-            aspect_ratio: self.aspect_ratio.as_ref(),
+            conditioning: &self.conditioning,
         }
     }
 }

@@ -39,6 +39,11 @@ pub fn parse_json_config<T: DeserializeOwned>(text: &str, path: &Path) -> Result
     })
 }
 
+/// Reads an already parsed JSON `value` (from `path`) into `T`; see [`read_json_config`].
+pub fn json_value_config<T: DeserializeOwned>(value: &serde_json::Value, path: &Path) -> Result<T> {
+    parse_json_config(&value.to_string(), path)
+}
+
 /// Reads `path` as an untyped JSON value (for dispatch on `_class_name` before the typed read).
 pub fn read_json_value(path: &Path) -> Result<serde_json::Value> {
     read_json_config(path)

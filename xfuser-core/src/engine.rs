@@ -265,11 +265,6 @@ impl InputConfig {
         }
         Ok(())
     }
-
-    /// Classifier-free guidance is on when guidance_scale > 1, as in diffusers.
-    pub fn uses_cfg(&self) -> bool {
-        self.guidance_scale > 1.0
-    }
 }
 
 /// An 8-bit RGB image, row-major, 3 bytes per pixel.

@@ -47,6 +47,18 @@ pub struct PipelineEntry {
 pub struct TransformerEntry {
     pub class_name: &'static str,
     pub load: fn(dir: &Path, options: &LoadOptions) -> Result<Box<dyn Backbone>>,
+    /// What the parallel degrees are checked against, read from the parsed `config.json`
+    /// alone (`file` is for errors), so that a configuration the model cannot split is
+    /// refused before any weights are read.
+    pub shape: fn(config: &serde_json::Value, file: &Path) -> Result<ModelShape>,
+}
+
+/// The sizes of a transformer that parallel degrees must fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelShape {
+    pub num_attention_heads: usize,
+    /// Blocks PipeFusion can split into stages.
+    pub num_layers: usize,
 }
 
 /// A scheduler, built from its `scheduler_config.json` (already parsed; `file` is for errors).
@@ -195,6 +207,14 @@ pub fn load_transformer(dir: &Path, options: &LoadOptions) -> Result<Box<dyn Bac
     let config = crate::config::read_json_value(&file)?;
     let name = crate::config::class_name_of(&config, &file)?;
     (transformer_entry(&name, &config)?.load)(dir, options)
+}
+
+/// The [`ModelShape`] of the transformer in component folder `dir`, from its `config.json`.
+pub fn transformer_shape(dir: &Path) -> Result<ModelShape> {
+    let file = dir.join("config.json");
+    let config = crate::config::read_json_value(&file)?;
+    let name = crate::config::class_name_of(&config, &file)?;
+    (transformer_entry(&name, &config)?.shape)(&config, &file)
 }
 
 /// Builds the scheduler described by `file` (a `scheduler_config.json`).

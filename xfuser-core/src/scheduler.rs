@@ -5,7 +5,15 @@
 use candle_core::Tensor;
 
 use crate::random::Generator;
-use crate::Result;
+use crate::{Error, Result};
+
+/// What a pipeline passes to `set_timesteps` besides the step count (diffusers' keyword
+/// arguments of `scheduler.set_timesteps`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TimestepOptions {
+    /// The shift of a dynamically shifted schedule (Flux: from the image's token count).
+    pub mu: Option<f64>,
+}
 
 /// What a scheduler remembers between steps of one sample (or of one patch of it).
 #[derive(Debug, Clone, Default)]
@@ -24,6 +32,22 @@ pub trait Scheduler: Send + Sync {
 
     /// Computes the schedule for `num_inference_steps`, as diffusers' `set_timesteps`.
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
+
+    /// `set_timesteps` with the pipeline's extra inputs. A scheduler that takes none of them
+    /// refuses any that is given rather than ignore it.
+    fn set_timesteps_with(
+        &mut self,
+        num_inference_steps: usize,
+        options: &TimestepOptions,
+    ) -> Result<()> {
+        if let Some(mu) = options.mu {
+            return Err(Error::invalid(format!(
+                "{} takes no `mu` (given {mu}): only dynamically shifted schedules do",
+                self.class_name()
+            )));
+        }
+        self.set_timesteps(num_inference_steps)
+    }
 
     /// The schedule's timesteps, as diffusers' `scheduler.timesteps` (integer-valued for the
     /// discrete schedulers, stored as f64 so flow-matching timesteps fit too).

@@ -6,7 +6,48 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::backbone::{BackboneInputs, Conditioning};
 use crate::{Error, Result};
+
+/// The tensors of a golden file that hold a backbone forward's inputs: `hidden_states`,
+/// `timestep`, and the conditioning (every other tensor named in `conditioning_names` that
+/// the file has). Dereferences to the file's tensors.
+pub struct ForwardCase {
+    pub tensors: HashMap<String, Tensor>,
+    pub conditioning: Conditioning,
+}
+
+impl ForwardCase {
+    pub fn new(tensors: HashMap<String, Tensor>, conditioning_names: &[&str]) -> Self {
+        let mut conditioning = Conditioning::new();
+        for name in conditioning_names {
+            if let Some(t) = tensors.get(*name) {
+                conditioning.insert(*name, t.clone());
+            }
+        }
+        Self {
+            tensors,
+            conditioning,
+        }
+    }
+
+    /// The forward's inputs; panics when the file lacks `hidden_states` or `timestep`.
+    pub fn inputs(&self) -> BackboneInputs<'_> {
+        BackboneInputs {
+            hidden_states: &self.tensors["hidden_states"],
+            timestep: &self.tensors["timestep"],
+            conditioning: &self.conditioning,
+        }
+    }
+}
+
+impl std::ops::Deref for ForwardCase {
+    type Target = HashMap<String, Tensor>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.tensors
+    }
+}
 
 /// `tests/fixtures/` at the workspace root.
 pub fn fixtures_dir() -> PathBuf {

@@ -11,6 +11,13 @@
 //! - USP ([`SequenceParallelAttention::usp`]): Ulysses inside each ulysses group, then Ring
 //!   across the ring group on the sequences the all-to-all gathered, then all-to-all back.
 //!
+//! Joint attention (SD3, Flux: image and text tokens in one softmax) follows xDiT: the text
+//! is whole on every sp rank. Ulysses gives each rank its H/U heads of the text queries,
+//! keys and values (a slice, no exchange), attends over all image tokens and the text on
+//! those heads, and all-gathers the text output's heads. Ring keeps the text queries with the
+//! local image queries and joins the text keys and values once, before the image blocks go
+//! around; every ring rank thus computes the whole text output.
+//!
 //! Each registers under its method name ("ulysses", "ring", "usp"; "serial" is the core's
 //! [`SerialAttention`]) and is built per input shape from a [`SpContext`], whose padded layout
 //! it honours: keys at gathered positions `≥ num_tokens` are padding and are left out (they
@@ -39,7 +46,9 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor, D};
-use xfuser_core::attention::{scaled_dot_product_attention, AttentionProcessor, SerialAttention};
+use xfuser_core::attention::{
+    scaled_dot_product_attention, AttentionProcessor, JointText, SerialAttention,
+};
 use xfuser_core::backbone::SpContext;
 use xfuser_core::distributed::ProcessGroup;
 use xfuser_core::kernels;
@@ -130,13 +139,15 @@ fn merge_partials(a: (Tensor, Tensor), b: (Tensor, Tensor)) -> Result<(Tensor, T
 /// Ring attention of the local queries over the keys of every member of `ring`: member j
 /// holds the gathered positions `block_offset + j·n .. + n` (n = k's sequence length). k, v
 /// blocks move one member forward per step, the next block in flight while this one is
-/// computed. Returns the output in q's dtype.
+/// computed. `text` keys and values (all real), when given, are joined once, before the
+/// ring's blocks. Returns the output in q's dtype.
 fn ring_attention(
     ring: &ProcessGroup,
     layout: &KeyLayout,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    text: Option<(&Tensor, &Tensor)>,
     scale: f64,
 ) -> Result<Tensor> {
     let (me, size) = (ring.index(), ring.size());
@@ -144,6 +155,9 @@ fn ring_attention(
     let block_len = k.dim(2)?;
     let mut kv = (k.contiguous()?, v.contiguous()?);
     let mut acc = RingAccumulator::new(q, scale)?;
+    if let Some((tk, tv)) = text {
+        acc.add(q, &tk.contiguous()?, &tv.contiguous()?, tk.dim(2)?, scale)?;
+    }
     for step in 0..size {
         let in_flight = if step + 1 < size {
             let sends = [ring.isend(&kv.0, next)?, ring.isend(&kv.1, next)?];
@@ -224,12 +238,14 @@ impl RingAccumulator {
 }
 
 /// Attention over the whole sequence that the ulysses all-to-all gathered (no ring): keys
-/// past `num_tokens` are padding and are cut off.
+/// past `num_tokens` are padding and are cut off; `text` keys and values (all real) are
+/// joined after the image's.
 fn gathered_attention(
     layout: &KeyLayout,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    text: Option<(&Tensor, &Tensor)>,
     scale: f64,
 ) -> Result<Tensor> {
     let real = layout.real_in(0, k.dim(2)?);
@@ -238,17 +254,24 @@ fn gathered_attention(
             "attention over a sequence with no real tokens",
         ));
     }
-    scaled_dot_product_attention(
-        q,
-        &k.narrow(2, 0, real)?,
-        &v.narrow(2, 0, real)?,
-        None,
-        scale,
-    )
+    let (k, v) = (k.narrow(2, 0, real)?, v.narrow(2, 0, real)?);
+    let (k, v) = match text {
+        Some((tk, tv)) => (Tensor::cat(&[&k, tk], 2)?, Tensor::cat(&[&v, tv], 2)?),
+        None => (k, v),
+    };
+    scaled_dot_product_attention(q, &k, &v, None, scale)
+}
+
+/// This ulysses member's heads of a whole-text tensor (B, H, L, Dh) -> (B, H/U, L, Dh).
+fn own_heads(ulysses: &ProcessGroup, xs: &Tensor) -> Result<Tensor> {
+    let per = xs.dim(1)? / ulysses.size();
+    Ok(xs.narrow(1, ulysses.index() * per, per)?.contiguous()?)
 }
 
 /// USP: Ulysses on `ulysses`, then Ring on `ring` (each skipped when its group has one
-/// member). q, k, v: (B, H, P, Dh) -> (B, H, P, Dh).
+/// member). q, k, v: (B, H, P, Dh) -> (B, H, P, Dh). With `text` (joint attention), also the
+/// whole text's output (B, H, L, Dh).
+#[allow(clippy::too_many_arguments)]
 fn usp_attention(
     ulysses: &ProcessGroup,
     ring: &ProcessGroup,
@@ -256,8 +279,9 @@ fn usp_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    text: Option<JointText<'_>>,
     scale: f64,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Option<Tensor>)> {
     let use_ulysses = ulysses.size() > 1;
     let (q, k, v) = if use_ulysses {
         (
@@ -268,16 +292,45 @@ fn usp_attention(
     } else {
         (q.clone(), k.clone(), v.clone())
     };
-    let out = if ring.size() > 1 {
-        ring_attention(ring, layout, &q, &k, &v, scale)?
-    } else {
-        gathered_attention(layout, &q, &k, &v, scale)?
+    let text = match text {
+        Some(t) if use_ulysses => Some((
+            own_heads(ulysses, t.q)?,
+            own_heads(ulysses, t.k)?,
+            own_heads(ulysses, t.v)?,
+        )),
+        Some(t) => Some((t.q.clone(), t.k.clone(), t.v.clone())),
+        None => None,
     };
-    if use_ulysses {
-        scatter_sequence_gather_heads(ulysses, &out)
+    let image_queries = q.dim(2)?;
+    let q = match &text {
+        Some((tq, _, _)) => Tensor::cat(&[&q, tq], 2)?,
+        None => q,
+    };
+    let text_kv = text.as_ref().map(|(_, tk, tv)| (tk, tv));
+    let out = if ring.size() > 1 {
+        ring_attention(ring, layout, &q, &k, &v, text_kv, scale)?
     } else {
-        Ok(out)
+        gathered_attention(layout, &q, &k, &v, text_kv, scale)?
+    };
+    let (out, text_out) = match &text {
+        Some((tq, _, _)) => (
+            out.narrow(2, 0, image_queries)?,
+            Some(out.narrow(2, image_queries, tq.dim(2)?)?.contiguous()?),
+        ),
+        None => (out, None),
+    };
+    if !use_ulysses {
+        return Ok((out, text_out));
     }
+    let text_out = match text_out {
+        // (B, H/U, L, Dh) on each member -> (B, H, L, Dh), the heads in member order.
+        Some(t) => Some(ulysses.all_gather(&t, 1)?),
+        None => None,
+    };
+    Ok((
+        scatter_sequence_gather_heads(ulysses, &out.contiguous()?)?,
+        text_out,
+    ))
 }
 
 fn require_single(group: &ProcessGroup, processor: &str, use_instead: &str) -> Result<()> {
@@ -345,7 +398,41 @@ impl AttentionProcessor for SequenceParallelAttention {
         scale: f64,
     ) -> Result<Tensor> {
         self.layout.check_local(self.name(), q)?;
-        usp_attention(&self.ulysses, &self.ring, &self.layout, q, k, v, scale)
+        let (out, _) = usp_attention(
+            &self.ulysses,
+            &self.ring,
+            &self.layout,
+            q,
+            k,
+            v,
+            None,
+            scale,
+        )?;
+        Ok(out)
+    }
+
+    fn joint_attention(
+        &self,
+        _layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        text: JointText<'_>,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        self.layout.check_local(self.name(), q)?;
+        let (out, text_out) = usp_attention(
+            &self.ulysses,
+            &self.ring,
+            &self.layout,
+            q,
+            k,
+            v,
+            Some(text),
+            scale,
+        )?;
+        let text_out = text_out.ok_or_else(|| Error::invalid("joint attention lost its text"))?;
+        Ok((out, text_out))
     }
 }
 

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
-use xfuser_core::attention::{scaled_dot_product_attention, AttentionProcessor};
+use xfuser_core::attention::{scaled_dot_product_attention, AttentionProcessor, JointText};
 use xfuser_core::backbone::SpContext;
 use xfuser_core::distributed::{ProcessGroup, TokenRange};
 use xfuser_core::registry::AttentionProcessorEntry;
@@ -210,6 +210,37 @@ impl AttentionProcessor for PipeFusionAttention {
         v: &Tensor,
         scale: f64,
     ) -> Result<Tensor> {
+        Ok(self.attend(layer, q, k, v, None, scale)?.0)
+    }
+
+    /// The patch's image queries and the text's attend to the image's K/V buffer (the
+    /// patch's rows fresh) and the text's fresh keys and values. Under Ulysses each rank takes
+    /// its heads of the text and the text output's heads are all-gathered.
+    fn joint_attention(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        text: JointText<'_>,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let (out, text_out) = self.attend(layer, q, k, v, Some(text), scale)?;
+        let text_out = text_out.ok_or_else(|| Error::invalid("joint attention lost its text"))?;
+        Ok((out, text_out))
+    }
+}
+
+impl PipeFusionAttention {
+    fn attend(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        text: Option<JointText<'_>>,
+        scale: f64,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         if q.dim(2)? != self.per_rank {
             return Err(Error::invalid(format!(
                 "pipefusion attention: q {:?} holds {} tokens, but the patch split gives every \
@@ -240,11 +271,42 @@ impl AttentionProcessor for PipeFusionAttention {
             (k, v)
         };
         let (keys, values) = self.update_buffers(layer, &k, &v)?;
-        let out = scaled_dot_product_attention(&q, &keys, &values, None, scale)?;
-        if use_ulysses {
-            scatter_sequence_gather_heads(&self.ulysses, &out)
+        let Some(text) = text else {
+            let out = scaled_dot_product_attention(&q, &keys, &values, None, scale)?;
+            return Ok((self.back_to_local(&out)?, None));
+        };
+        let heads = |t: &Tensor| -> Result<Tensor> {
+            if !use_ulysses {
+                return Ok(t.clone());
+            }
+            let per = t.dim(1)? / self.ulysses.size();
+            Ok(t.narrow(1, self.ulysses.index() * per, per)?.contiguous()?)
+        };
+        let (tq, tk, tv) = (heads(text.q)?, heads(text.k)?, heads(text.v)?);
+        let image_queries = q.dim(2)?;
+        let out = scaled_dot_product_attention(
+            &Tensor::cat(&[&q, &tq], 2)?,
+            &Tensor::cat(&[&keys, &tk], 2)?,
+            &Tensor::cat(&[&values, &tv], 2)?,
+            None,
+            scale,
+        )?;
+        let image = out.narrow(2, 0, image_queries)?.contiguous()?;
+        let text_out = out.narrow(2, image_queries, tq.dim(2)?)?.contiguous()?;
+        let text_out = if use_ulysses {
+            self.ulysses.all_gather(&text_out, 1)?
         } else {
-            Ok(out)
+            text_out
+        };
+        Ok((self.back_to_local(&image)?, Some(text_out)))
+    }
+
+    /// (B, H/U, U·P, Dh) -> (B, H, P, Dh) under Ulysses; unchanged otherwise.
+    fn back_to_local(&self, out: &Tensor) -> Result<Tensor> {
+        if self.ulysses.size() > 1 {
+            scatter_sequence_gather_heads(&self.ulysses, out)
+        } else {
+            Ok(out.clone())
         }
     }
 }

@@ -1,32 +1,23 @@
-//! The denoising loop of the PixArt family: classifier-free guidance around a backbone,
+//! The denoising loop every pipeline shares: classifier-free guidance around a backbone,
 //! stepped by a scheduler, as diffusers' pipelines run it.
 
-use candle_core::{DType, Tensor};
-use xfuser_core::backbone::{in_two_streams, Backbone, BackboneInputs, ForwardContext};
+use candle_core::Tensor;
+use xfuser_core::backbone::{
+    in_two_streams, Backbone, BackboneInputs, Conditioning, ForwardContext,
+};
 use xfuser_core::distributed::ProcessGroup;
 use xfuser_core::random::Generator;
 use xfuser_core::scheduler::Scheduler;
 use xfuser_core::{Error, Result};
 
-/// Text conditioning for one side of classifier-free guidance.
-#[derive(Debug, Clone)]
-pub struct TextConditioning {
-    /// (B, L, caption_channels)
-    pub embeds: Tensor,
-    /// (B, L), 1 for tokens attended to.
-    pub mask: Tensor,
-}
-
-/// What the denoising loop conditions on.
+/// What the denoising loop conditions on: the backbone's conditioning for each side of
+/// classifier-free guidance.
 #[derive(Debug, Clone)]
 pub struct Guidance {
-    pub positive: TextConditioning,
-    /// Present exactly when guidance is on (diffusers: guidance_scale > 1).
-    pub negative: Option<TextConditioning>,
+    pub positive: Conditioning,
+    /// Present exactly when the pipeline decided to use classifier-free guidance.
+    pub negative: Option<Conditioning>,
     pub guidance_scale: f64,
-    /// PixArt-α micro-conditioning, (B, 2) and (B, 1), when the model uses it.
-    pub resolution: Option<Tensor>,
-    pub aspect_ratio: Option<Tensor>,
 }
 
 impl Guidance {
@@ -36,19 +27,14 @@ impl Guidance {
 
     /// The conditioning of batch rows `start..start + len` (a data-parallel group's share).
     pub fn narrow_batch(&self, start: usize, len: usize) -> Result<Self> {
-        let narrow = |t: &Tensor| t.narrow(0, start, len);
-        let side = |c: &TextConditioning| -> Result<TextConditioning> {
-            Ok(TextConditioning {
-                embeds: narrow(&c.embeds)?,
-                mask: narrow(&c.mask)?,
-            })
-        };
         Ok(Self {
-            positive: side(&self.positive)?,
-            negative: self.negative.as_ref().map(side).transpose()?,
+            positive: self.positive.narrow_batch(start, len)?,
+            negative: self
+                .negative
+                .as_ref()
+                .map(|n| n.narrow_batch(start, len))
+                .transpose()?,
             guidance_scale: self.guidance_scale,
-            resolution: self.resolution.as_ref().map(narrow).transpose()?,
-            aspect_ratio: self.aspect_ratio.as_ref().map(narrow).transpose()?,
         })
     }
 }
@@ -75,15 +61,12 @@ pub fn denoise(
     let CfgBatch {
         cfg_group,
         doubled,
-        embeds,
-        mask,
+        conditioning,
     } = cfg_batch(guidance, cfg_group)?;
     let latent_channels = latents.dim(1)?;
     let batch = latents.dim(0)?;
     let mut state = scheduler.new_state();
     let mut latents = latents;
-    let resolution = cfg_repeat(guidance.resolution.as_ref(), doubled)?;
-    let aspect_ratio = cfg_repeat(guidance.aspect_ratio.as_ref(), doubled)?;
     let streams = if doubled {
         CfgStreams::new(guidance, ctx)?
     } else {
@@ -94,7 +77,7 @@ pub fn denoise(
             Some(streams) => {
                 let model_input = scheduler.scale_model_input(&state, &latents)?;
                 let timestep = Tensor::full(t as f32, batch, latents.device())?;
-                streams.forward(backbone, &model_input, &timestep, guidance, ctx)?
+                streams.forward(backbone, &model_input, &timestep, ctx)?
             }
             None => {
                 let model_input = if doubled {
@@ -106,11 +89,8 @@ pub fn denoise(
                 let timestep = Tensor::full(t as f32, model_input.dim(0)?, latents.device())?;
                 let inputs = BackboneInputs {
                     hidden_states: &model_input,
-                    encoder_hidden_states: &embeds,
                     timestep: &timestep,
-                    encoder_attention_mask: Some(&mask),
-                    resolution: resolution.as_ref(),
-                    aspect_ratio: aspect_ratio.as_ref(),
+                    conditioning: &conditioning,
                 };
                 let prediction = backbone.forward(&inputs, ctx)?;
                 match cfg_group {
@@ -143,14 +123,14 @@ pub(crate) fn schedule(scheduler: &dyn Scheduler) -> Result<&[f64]> {
 /// two concurrent forwards, each on a pool of its own with half of the threads, instead of one
 /// forward of the doubled batch split over all of them. Each half goes through the same math
 /// as its rows of the doubled batch (only the blocking of the matrix products, hence their
-/// rounding, may differ), and each keeps its own text tensor, so the text keys/values stay
-/// cached across steps. On 2 cores this runs the PixArt loop in about 0.9 × the time of the
+/// rounding, may differ), and each keeps its own conditioning tensors, so that a model's
+/// per-text caches stay valid across steps. On 2 cores this runs the PixArt loop in about 0.9 × the time of the
 /// doubled batch (docs/performance.md): two single-threaded streams keep both cores busy
 /// without a fork/join per op.
 struct CfgStreams {
     threads: usize,
-    /// (embeds, mask) of the negative side, then the positive one.
-    sides: [(Tensor, Tensor); 2],
+    /// The conditioning of the negative side, then the positive one.
+    sides: [Conditioning; 2],
 }
 
 impl CfgStreams {
@@ -173,18 +153,13 @@ impl CfgStreams {
         backbone: &dyn Backbone,
         model_input: &Tensor,
         timestep: &Tensor,
-        guidance: &Guidance,
         ctx: &ForwardContext,
     ) -> Result<Tensor> {
         let (negative, positive) = in_two_streams(self.threads, |i| {
-            let (embeds, mask) = &self.sides[i];
             let inputs = BackboneInputs {
                 hidden_states: model_input,
-                encoder_hidden_states: embeds,
                 timestep,
-                encoder_attention_mask: Some(mask),
-                resolution: guidance.resolution.as_ref(),
-                aspect_ratio: guidance.aspect_ratio.as_ref(),
+                conditioning: &self.sides[i],
             };
             backbone.forward(&inputs, ctx)
         })?;
@@ -198,9 +173,8 @@ pub(crate) struct CfgBatch<'a> {
     pub cfg_group: Option<&'a ProcessGroup>,
     /// Serial CFG: the latents go in twice (negative half, then positive).
     pub doubled: bool,
-    /// The text this rank's backbone sees, and its mask.
-    pub embeds: Tensor,
-    pub mask: Tensor,
+    /// The conditioning this rank's backbone sees.
+    pub conditioning: Conditioning,
 }
 
 /// Serial CFG doubles the batch; CFG parallel runs one half on each of the two cfg ranks.
@@ -213,40 +187,34 @@ pub(crate) fn cfg_batch<'a>(
     if let Some(group) = cfg_group {
         if group.size() != 2 || !guidance.uses_cfg() {
             return Err(Error::invalid(format!(
-                "CFG parallel needs classifier-free guidance (guidance_scale > 1) and a cfg \
-                 group of 2 ranks; got {} ranks on {}",
+                "CFG parallel needs a request with classifier-free guidance and a cfg group of \
+                 2 ranks; got {} ranks on {}",
                 group.size(),
                 group.name()
             )));
         }
     }
-    let (embeds, mask) = match cfg_group {
+    let conditioning = match cfg_group {
         Some(group) => own_cfg_half(guidance, group.index())?,
-        None => batched_text(guidance)?,
+        None => batched_conditioning(guidance)?,
     };
     Ok(CfgBatch {
         cfg_group,
         doubled: guidance.uses_cfg() && cfg_group.is_none(),
-        embeds,
-        mask,
+        conditioning,
     })
 }
 
 /// Negative then positive along the batch, as diffusers concatenates them.
-fn batched_text(guidance: &Guidance) -> Result<(Tensor, Tensor)> {
-    let pos = &guidance.positive;
-    let mask = pos.mask.to_dtype(DType::F32)?;
+fn batched_conditioning(guidance: &Guidance) -> Result<Conditioning> {
     match &guidance.negative {
-        None => Ok((pos.embeds.clone(), mask)),
-        Some(neg) => Ok((
-            Tensor::cat(&[&neg.embeds, &pos.embeds], 0)?,
-            Tensor::cat(&[&neg.mask.to_dtype(DType::F32)?, &mask], 0)?,
-        )),
+        None => Ok(guidance.positive.clone()),
+        Some(negative) => Conditioning::cat_batch(&[negative, &guidance.positive]),
     }
 }
 
-/// The text conditioning of CFG-parallel member `index`: 0 the negative side, 1 the positive.
-fn own_cfg_half(guidance: &Guidance, index: usize) -> Result<(Tensor, Tensor)> {
+/// The conditioning of CFG-parallel member `index`: 0 the negative side, 1 the positive.
+fn own_cfg_half(guidance: &Guidance, index: usize) -> Result<Conditioning> {
     let side = match (index, &guidance.negative) {
         (0, Some(negative)) => negative,
         (1, Some(_)) => &guidance.positive,
@@ -256,15 +224,7 @@ fn own_cfg_half(guidance: &Guidance, index: usize) -> Result<(Tensor, Tensor)> {
             )))
         }
     };
-    Ok((side.embeds.clone(), side.mask.to_dtype(DType::F32)?))
-}
-
-pub(crate) fn cfg_repeat(t: Option<&Tensor>, cfg: bool) -> Result<Option<Tensor>> {
-    Ok(match t {
-        Some(t) if cfg => Some(Tensor::cat(&[t, t], 0)?),
-        Some(t) => Some(t.clone()),
-        None => None,
-    })
+    Ok(side.clone())
 }
 
 /// uncond + scale·(cond − uncond) on the two halves of a CFG batch; identity without CFG.
@@ -277,8 +237,8 @@ pub fn apply_guidance(prediction: &Tensor, guidance: &Guidance, batch: usize) ->
     Ok((&uncond + ((cond - &uncond)? * guidance.guidance_scale)?)?)
 }
 
-/// PixArt predicts (noise, variance) when out_channels = 2·latent channels; the loop keeps
-/// the noise half.
+/// A model with learned sigma (PixArt, DiT) predicts (noise, variance) with out_channels =
+/// 2·latent channels; the loop keeps the noise half, as diffusers' pipelines do.
 pub(crate) fn drop_learned_sigma(prediction: &Tensor, latent_channels: usize) -> Result<Tensor> {
     if prediction.dim(1)? == 2 * latent_channels {
         Ok(prediction.narrow(1, 0, latent_channels)?)

@@ -9,6 +9,7 @@ pub mod pipefusion;
 pub mod pipeline_pixart_alpha;
 pub mod pipeline_pixart_sigma;
 pub mod pipeline_utils;
+pub mod runtime;
 pub mod text;
 pub mod vae;
 

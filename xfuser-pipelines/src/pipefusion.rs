@@ -16,9 +16,12 @@
 //!   multistep history restricted to the patch's rows at the end of warmup), and sends the
 //!   patch's next model input back to stage 0.
 //!
-//! Only the image tokens travel between stages: every stage computes the conditioning (the
-//! timestep embedding, the caption projection, the text mask) itself from the text embeddings
-//! every rank holds ([`Backbone::embed_conditioning`]), as xDiT does.
+//! Between stages travel the image tokens, and the text stream when the blocks update it
+//! (joint attention, [`BackboneInfo::updates_text_stream`]: SD3, Flux; a patch's text stream
+//! is the one its own forward made, so the text is fresh for every patch). Everything else
+//! (the timestep embedding, the caption projection, the text mask, and the text stream of a
+//! model whose blocks only read it) every stage computes itself from the conditioning every
+//! rank holds ([`Backbone::embed_conditioning`]), as xDiT does.
 //!
 //! CFG parallel, sequence parallelism and data parallelism compose on the rank mesh: a pp
 //! group is the stages of one (dp, cfg, sp) position; the cfg all-gather of the noise
@@ -35,12 +38,15 @@
 //! warmup step, M in a pipelined one) and receives as much from s−1 (s > 0); the last stage
 //! sends the next model input, B·C·h·w·e bytes (the latent), to stage 0 after every step but
 //! the last. So a middle stage moves 2·p·hs·e bytes per step with p = B′·T: the cost model's
-//! 2·p·hs, independent of the number of layers.
+//! 2·p·hs, independent of the number of layers. A model that updates its text stream also
+//! sends the B′·L·D_text text stream with every message (once per patch).
 
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use xfuser_core::backbone::{Backbone, BackboneInputs, BlockState, ForwardContext, SpContext};
+use xfuser_core::backbone::{
+    Backbone, BackboneInfo, BackboneInputs, BlockState, Conditioning, ForwardContext, SpContext,
+};
 use xfuser_core::distributed::{
     InputMetadata, Patch, ProcessGroup, RankContext, RecvHandle, SendHandle,
 };
@@ -49,9 +55,7 @@ use xfuser_core::scheduler::{Scheduler, SchedulerState};
 use xfuser_core::{Error, Result};
 use xfuser_layers::pipefusion_attention::PipeFusionAttention;
 
-use crate::denoise::{
-    apply_guidance, cfg_batch, cfg_repeat, drop_learned_sigma, schedule, CfgBatch, Guidance,
-};
+use crate::denoise::{apply_guidance, cfg_batch, drop_learned_sigma, schedule, CfgBatch, Guidance};
 
 /// What a PipeFusion rank runs with.
 pub struct PipeFusionConfig<'a> {
@@ -141,10 +145,9 @@ struct Stage<'a> {
     cfg_group: Option<&'a ProcessGroup>,
     guidance: &'a Guidance,
     contexts: StageContexts,
-    embeds: Tensor,
-    mask: Tensor,
-    resolution: Option<Tensor>,
-    aspect_ratio: Option<Tensor>,
+    conditioning: Conditioning,
+    /// Whether the text stream travels with the image tokens.
+    send_text: bool,
     /// Serial CFG: the model batch is the latents twice.
     doubled: bool,
     /// (B′, C, H, W): the model input's shape, which non-first stages embed nothing from but
@@ -184,11 +187,8 @@ impl<'a> Stage<'a> {
     fn inputs<'t>(&'t self, hidden: &'t Tensor, timestep: &'t Tensor) -> BackboneInputs<'t> {
         BackboneInputs {
             hidden_states: hidden,
-            encoder_hidden_states: &self.embeds,
             timestep,
-            encoder_attention_mask: Some(&self.mask),
-            resolution: self.resolution.as_ref(),
-            aspect_ratio: self.aspect_ratio.as_ref(),
+            conditioning: &self.conditioning,
         }
     }
 
@@ -198,7 +198,7 @@ impl<'a> Stage<'a> {
         &self,
         t: f64,
         ctx: &ForwardContext,
-        received: Option<RecvHandle>,
+        received: Option<Incoming>,
     ) -> Result<BlockState> {
         let batch = self.shape_carrier.dim(0)?;
         let timestep = Tensor::full(t as f32, batch, self.shape_carrier.device())?;
@@ -211,14 +211,30 @@ impl<'a> Stage<'a> {
         }
         let received = match received {
             Some(handle) => handle,
-            None => self.pp.irecv(self.index() - 1)?,
+            None => self.post_receive(self.index() - 1)?,
         };
         let mut state = self
             .config
             .backbone
             .embed_conditioning(&self.inputs(&self.shape_carrier, &timestep), ctx)?;
-        state.hidden = received.wait()?;
+        let (hidden, text) = received.wait()?;
+        state.hidden = hidden;
+        if text.is_some() {
+            state.encoder = text;
+        }
         Ok(state)
+    }
+
+    /// Posts the receives of one message from stage `source`: the image tokens, and the text
+    /// stream when it travels too. The last stage's messages to stage 0 are latents only.
+    fn post_receive(&self, source: usize) -> Result<Incoming> {
+        let hidden = self.pp.irecv(source)?;
+        let text = if self.send_text && source + 1 == self.index() {
+            Some(self.pp.irecv(source)?)
+        } else {
+            None
+        };
+        Ok(Incoming { hidden, text })
     }
 
     /// Runs this stage's blocks on `state` and passes the result on: to the next stage, or,
@@ -234,10 +250,14 @@ impl<'a> Stage<'a> {
         let layers = self.config.backbone.held_layers();
         let state = self.config.backbone.blocks(state, layers, ctx)?;
         if !self.is_last() {
-            let handle = self
-                .pp
-                .isend(&state.hidden.contiguous()?, self.index() + 1)?;
+            let next = self.index() + 1;
+            let handle = self.pp.isend(&state.hidden.contiguous()?, next)?;
             self.sends.push(handle);
+            if self.send_text {
+                let text = state.text(self.config.backbone.info().class_name)?;
+                let handle = self.pp.isend(&text.contiguous()?, next)?;
+                self.sends.push(handle);
+            }
             return Ok(None);
         }
         let prediction = self.config.backbone.head(state, ctx)?;
@@ -274,6 +294,25 @@ impl<'a> Stage<'a> {
         }
         Ok(())
     }
+}
+
+/// One message from the previous stage, not yet arrived.
+struct Incoming {
+    hidden: RecvHandle,
+    text: Option<RecvHandle>,
+}
+
+impl Incoming {
+    fn wait(self) -> Result<(Tensor, Option<Tensor>)> {
+        let hidden = self.hidden.wait()?;
+        let text = self.text.map(RecvHandle::wait).transpose()?;
+        Ok((hidden, text))
+    }
+}
+
+/// Whether the text stream travels between the stages of `info`'s model.
+fn sends_text(info: &BackboneInfo) -> bool {
+    info.updates_text_stream
 }
 
 /// One warmup step `i` of `steps` on the whole image, stage after stage.
@@ -337,16 +376,16 @@ pub fn async_pipeline(
     } else {
         stage.index() - 1
     };
-    let mut next = Some(stage.pp.irecv(source)?);
+    let mut next = Some(stage.post_receive(source)?);
     for m in 0..num_patches {
         let received = next.take().expect("posted");
         if m + 1 < num_patches {
-            next = Some(stage.pp.irecv(source)?);
+            next = Some(stage.post_receive(source)?);
         }
         let ctx = stage.contexts.patches[m].clone();
         let state = if stage.is_first() {
             let patch = &stage.config.metadata.patches[m];
-            let part = received.wait()?;
+            let (part, _) = received.wait()?;
             stage.model_input = replace_rows(&stage.model_input, patch.latent_rows.clone(), &part)?;
             stage.enter(t, &ctx, None)?
         } else {
@@ -390,8 +429,7 @@ pub fn denoise_pipefusion(
     let CfgBatch {
         cfg_group,
         doubled,
-        embeds,
-        mask,
+        conditioning,
     } = cfg_batch(guidance, Some(rank.cfg_group()))?;
     let state0 = scheduler.new_state();
     let model_input = scheduler.scale_model_input(&state0, &latents)?;
@@ -413,10 +451,8 @@ pub fn denoise_pipefusion(
         cfg_group,
         guidance,
         contexts: StageContexts::new(rank, config.metadata, config.zero_stale_kv)?,
-        embeds,
-        mask,
-        resolution: cfg_repeat(guidance.resolution.as_ref(), doubled)?,
-        aspect_ratio: cfg_repeat(guidance.aspect_ratio.as_ref(), doubled)?,
+        conditioning,
+        send_text: sends_text(config.backbone.info()),
         doubled,
         shape_carrier,
         model_input,

@@ -14,7 +14,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use xfuser_core::random::Generator;
 use xfuser_core::registry::SchedulerEntry;
-use xfuser_core::scheduler::{Scheduler, SchedulerState};
+use xfuser_core::scheduler::{Scheduler, SchedulerState, TimestepOptions};
 use xfuser_core::{Error, Result};
 
 use crate::scheduling_utils as su;
@@ -193,6 +193,17 @@ impl FlowMatchEulerDiscreteScheduler {
 impl Scheduler for FlowMatchEulerDiscreteScheduler {
     fn class_name(&self) -> &'static str {
         CLASS_NAME
+    }
+
+    fn set_timesteps_with(
+        &mut self,
+        num_inference_steps: usize,
+        options: &TimestepOptions,
+    ) -> Result<()> {
+        if let Some(mu) = options.mu {
+            self.set_mu(mu);
+        }
+        self.set_timesteps(num_inference_steps)
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {

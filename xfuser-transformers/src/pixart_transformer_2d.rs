@@ -29,10 +29,11 @@ use candle_core::{DType, Module, Tensor, TensorId};
 use candle_nn::{Linear, VarBuilder};
 use xfuser_core::attention::{AttentionProcessor, SerialAttention};
 use xfuser_core::backbone::{
-    Backbone, BackboneInfo, BackboneInputs, BlockState, ForwardContext, PipelineStage, SpContext,
+    names, Backbone, BackboneInfo, BackboneInputs, BlockState, Conditioning, ForwardContext,
+    PipelineStage, SpContext,
 };
 use xfuser_core::kernels;
-use xfuser_core::registry::{ClassAlias, Kind, LoadOptions, TransformerEntry};
+use xfuser_core::registry::{ClassAlias, Kind, LoadOptions, ModelShape, TransformerEntry};
 use xfuser_core::weights::WeightFiles;
 use xfuser_core::{Error, Result};
 use xfuser_layers::embeddings::{PatchEmbed, PixArtAlphaTextProjection};
@@ -40,6 +41,16 @@ use xfuser_layers::feed_forward::{FeedForward, FeedForwardActivation};
 use xfuser_layers::normalization::{AdaLayerNormSingle, LayerNorm};
 
 pub const CLASS_NAME: &str = "PixArtTransformer2DModel";
+
+/// PixArt-α's micro-conditioning inputs (sample_size 128 models): (B, 2) [height, width] and
+/// (B, 1) height / width.
+pub const RESOLUTION: &str = "resolution";
+pub const ASPECT_RATIO: &str = "aspect_ratio";
+
+/// The block state's model-own tensors: adaLN-single's (B, 6·D) block modulation and its
+/// (B, D) embedded timestep, which the head reads.
+const BLOCK_MODULATION: &str = "adaln_block_modulation";
+const HEAD_CONDITIONING: &str = "adaln_embedded_timestep";
 
 /// `config.json` of a PixArt transformer, field for field with diffusers' defaults. Keys that
 /// only the old `Transformer2DModel` class reads (`use_linear_projection`, ...) are ignored, as
@@ -476,7 +487,7 @@ impl BasicTransformerBlock {
         let batch = hidden.dim(0)?;
         // (B, 6·D) -> (B, 6, D) + (6, D) -> six (B, 1, D)
         let modulation = state
-            .block_conditioning
+            .conditioning(BLOCK_MODULATION)?
             .reshape((batch, 6, self.dim))?
             .broadcast_add(&self.scale_shift_table)?;
         let m = (0..6)
@@ -491,8 +502,8 @@ impl BasicTransformerBlock {
             kernels::gated_residual(hidden, Some(gate_msa), &attn, self.attn1.out_bias())?;
 
         if let Some(attn2) = &self.attn2 {
-            let attn =
-                attn2.cross_attention(&hidden, &state.encoder, state.encoder_bias.as_ref())?;
+            let text = state.text(CLASS_NAME)?;
+            let attn = attn2.cross_attention(&hidden, text, state.encoder_bias.as_ref())?;
             hidden = kernels::gated_residual(&hidden, None, &attn, attn2.out_bias())?;
         }
 
@@ -608,6 +619,7 @@ impl PixArtTransformer2DModel {
                 .caption_channels
                 .or(cfg.cross_attention_dim)
                 .unwrap_or(dim),
+            updates_text_stream: false,
         };
         Ok(Self {
             info,
@@ -707,36 +719,38 @@ impl PixArtTransformer2DModel {
     ) -> Result<BlockState> {
         let batch = inputs.hidden_states.dim(0)?;
         let timestep = self.batch_timesteps(inputs.timestep, batch)?;
+        let cond = inputs.conditioning;
+        let (resolution, aspect_ratio) = (cond.get(RESOLUTION), cond.get(ASPECT_RATIO));
         if self.adaln_single.uses_additional_conditions()
-            && (inputs.resolution.is_none() || inputs.aspect_ratio.is_none())
+            && (resolution.is_none() || aspect_ratio.is_none())
         {
             return Err(Error::invalid(
                 "this PixArt model uses additional conditions: resolution and aspect_ratio are required",
             ));
         }
-        let (block_conditioning, head_conditioning) = self.adaln_single.forward(
-            &timestep,
-            inputs.resolution,
-            inputs.aspect_ratio,
-            self.dtype,
-        )?;
+        let (block_conditioning, head_conditioning) =
+            self.adaln_single
+                .forward(&timestep, resolution, aspect_ratio, self.dtype)?;
 
-        let encoder = inputs.encoder_hidden_states.to_dtype(self.dtype)?;
+        let encoder = cond
+            .require(names::ENCODER_HIDDEN_STATES, CLASS_NAME)?
+            .to_dtype(self.dtype)?;
         let encoder = match &self.caption_projection {
             Some(proj) => proj.forward(&encoder)?,
             None => encoder,
         };
-        let encoder_bias = inputs
-            .encoder_attention_mask
+        let encoder_bias = cond
+            .get(names::ENCODER_ATTENTION_MASK)
             .map(|m| self.encoder_bias(m))
             .transpose()?;
 
         Ok(BlockState {
             hidden,
-            encoder,
+            encoder: Some(encoder),
             encoder_bias,
-            block_conditioning,
-            head_conditioning,
+            conditioning: Conditioning::new()
+                .with(BLOCK_MODULATION, block_conditioning)
+                .with(HEAD_CONDITIONING, head_conditioning),
             grid,
         })
     }
@@ -896,9 +910,11 @@ impl Backbone for PixArtTransformer2DModel {
             ))
         })?;
         // (2, D) + (B, 1, D) -> shift, scale (B, 1, D)
-        let table = scale_shift_table
-            .unsqueeze(0)?
-            .broadcast_add(&state.head_conditioning.reshape((batch, 1, dim))?)?;
+        let table = scale_shift_table.unsqueeze(0)?.broadcast_add(
+            &state
+                .conditioning(HEAD_CONDITIONING)?
+                .reshape((batch, 1, dim))?,
+        )?;
         let (shift, scale) = (table.narrow(1, 0, 1)?, table.narrow(1, 1, 1)?);
         let hidden = modulate(&self.norm_out.forward(&state.hidden)?, &shift, &scale)?;
         let hidden = proj_out.forward(&hidden)?;
@@ -943,8 +959,16 @@ fn is_ada_norm_single(config: &serde_json::Value) -> bool {
     config.get("norm_type").and_then(|v| v.as_str()) == Some("ada_norm_single")
 }
 
+fn config_shape(config: &serde_json::Value, file: &Path) -> Result<ModelShape> {
+    let cfg: Config = xfuser_core::config::json_value_config(config, file)?;
+    Ok(ModelShape {
+        num_attention_heads: cfg.num_attention_heads,
+        num_layers: cfg.num_layers,
+    })
+}
+
 xfuser_core::inventory::submit! {
-    TransformerEntry { class_name: CLASS_NAME, load: load_backbone }
+    TransformerEntry { class_name: CLASS_NAME, load: load_backbone, shape: config_shape }
 }
 
 // diffusers' `_CLASS_REMAPPING_DICT`: PixArt-α checkpoints still name `Transformer2DModel`.

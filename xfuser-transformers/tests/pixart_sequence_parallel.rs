@@ -2,7 +2,7 @@
 //! backend: every rank's output equals the serial forward, the traffic equals the cost model,
 //! and impossible degrees fail before any work.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use candle_core::Tensor;
@@ -13,7 +13,7 @@ use xfuser_core::distributed::{
 };
 use xfuser_core::engine::ParallelConfig;
 use xfuser_core::registry::{self, Kind, LoadOptions};
-use xfuser_core::testing::{fixtures_dir, load_goldens, max_abs_diff, rel_l2};
+use xfuser_core::testing::{fixtures_dir, load_goldens, max_abs_diff, rel_l2, ForwardCase};
 // Links the crate so that its registry entries (the backbone, and through xfuser-layers the
 // attention processors) are collected.
 use xfuser_transformers::pixart_transformer_2d::CLASS_NAME;
@@ -28,25 +28,26 @@ fn load(model: &str) -> Box<dyn Backbone> {
 
 /// The inputs of a fixture case; `latent_rows` crops the latent (to make a token-row count
 /// that the sp degree does not divide).
-fn case_inputs(model: &str, case: &str, latent_rows: Option<usize>) -> HashMap<String, Tensor> {
+fn case_inputs(model: &str, case: &str, latent_rows: Option<usize>) -> ForwardCase {
     let path = model_dir(model).join(format!("io_{case}.safetensors"));
     let mut io = load_goldens(&path).unwrap();
     if let Some(rows) = latent_rows {
         let cropped = io["hidden_states"].narrow(2, 0, rows).unwrap();
         io.insert("hidden_states".into(), cropped);
     }
-    io
+    ForwardCase::new(io, &CONDITIONING)
 }
 
-fn inputs(io: &HashMap<String, Tensor>) -> BackboneInputs<'_> {
-    BackboneInputs {
-        hidden_states: &io["hidden_states"],
-        encoder_hidden_states: &io["encoder_hidden_states"],
-        timestep: &io["timestep"],
-        encoder_attention_mask: io.get("encoder_attention_mask"),
-        resolution: io.get("resolution"),
-        aspect_ratio: io.get("aspect_ratio"),
-    }
+/// The conditioning a PixArt forward reads.
+const CONDITIONING: [&str; 4] = [
+    "encoder_hidden_states",
+    "encoder_attention_mask",
+    "resolution",
+    "aspect_ratio",
+];
+
+fn inputs(io: &ForwardCase) -> BackboneInputs<'_> {
+    io.inputs()
 }
 
 fn mesh(ulysses: usize, ring: usize) -> RankMesh {

@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use xfuser_core::attention::{AttentionProcessor, SerialAttention};
 use xfuser_core::backbone::{forward_in_two_streams, Backbone, BackboneInputs, ForwardContext};
 use xfuser_core::registry::{self, Kind, LoadOptions};
-use xfuser_core::testing::{fixtures_dir, load_goldens, max_abs_diff, rel_l2};
+use xfuser_core::testing::{fixtures_dir, load_goldens, max_abs_diff, rel_l2, ForwardCase};
 use xfuser_transformers::pixart_transformer_2d::CLASS_NAME;
 
 fn model_dir(model: &str) -> PathBuf {
@@ -22,19 +22,21 @@ fn load(model: &str) -> Box<dyn Backbone> {
     registry::load_transformer(&model_dir(model), &LoadOptions::default()).unwrap()
 }
 
-fn goldens(model: &str, case: &str) -> HashMap<String, Tensor> {
-    load_goldens(&model_dir(model).join(format!("io_{case}.safetensors"))).unwrap()
+fn goldens(model: &str, case: &str) -> ForwardCase {
+    let path = model_dir(model).join(format!("io_{case}.safetensors"));
+    ForwardCase::new(load_goldens(&path).unwrap(), &CONDITIONING)
 }
 
-fn inputs(io: &HashMap<String, Tensor>) -> BackboneInputs<'_> {
-    BackboneInputs {
-        hidden_states: &io["hidden_states"],
-        encoder_hidden_states: &io["encoder_hidden_states"],
-        timestep: &io["timestep"],
-        encoder_attention_mask: io.get("encoder_attention_mask"),
-        resolution: io.get("resolution"),
-        aspect_ratio: io.get("aspect_ratio"),
-    }
+/// The conditioning a PixArt forward reads.
+const CONDITIONING: [&str; 4] = [
+    "encoder_hidden_states",
+    "encoder_attention_mask",
+    "resolution",
+    "aspect_ratio",
+];
+
+fn inputs(io: &ForwardCase) -> BackboneInputs<'_> {
+    io.inputs()
 }
 
 /// One test per (model folder, input case): the forward matches diffusers in f32.
@@ -215,14 +217,9 @@ fn wrong_input_shapes_are_reported() {
     assert!(err.contains("multiples of 2"), "{err}");
     let alpha = load("alpha");
     let io = goldens("alpha", "square");
+    let without_resolution = ForwardCase::new(io.tensors.clone(), &CONDITIONING[..2]);
     let err = alpha
-        .forward(
-            &BackboneInputs {
-                resolution: None,
-                ..inputs(&io)
-            },
-            &ForwardContext::default(),
-        )
+        .forward(&without_resolution.inputs(), &ForwardContext::default())
         .unwrap_err()
         .to_string();
     assert!(err.contains("resolution and aspect_ratio"), "{err}");

@@ -271,15 +271,17 @@ impl RankMesh {
 
     /// Checks the degrees against the model and the request, with messages that say what to
     /// change: the heads must split evenly over tp and then ulysses, pp cannot exceed the
-    /// number of transformer blocks, and CFG parallel needs classifier-free guidance.
+    /// number of transformer blocks, and CFG parallel needs a request that uses
+    /// classifier-free guidance (`cfg`: whether the pipeline decided it does, and if not, what
+    /// would turn it on; see [`validate_for_cfg`](Self::validate_for_cfg)).
     pub fn validate_for_model(
         &self,
         num_attention_heads: usize,
         num_layers: usize,
-        guidance_scale: f64,
+        cfg: &CfgUse,
     ) -> Result<()> {
         self.validate_for_shape(num_attention_heads, num_layers)?;
-        self.validate_for_guidance(guidance_scale)
+        self.validate_for_cfg(cfg)
     }
 
     /// The part of [`validate_for_model`](Self::validate_for_model) that needs only the
@@ -320,15 +322,34 @@ impl RankMesh {
         Ok(())
     }
 
-    /// CFG parallel splits the two halves of classifier-free guidance, so it needs guidance.
-    pub fn validate_for_guidance(&self, guidance_scale: f64) -> Result<()> {
-        if self.cfg == 2 && guidance_scale <= 1.0 {
+    /// CFG parallel splits the two halves of classifier-free guidance, so it needs a request
+    /// that uses it. Whether one does is the pipeline's decision (PixArt, SD3: guidance scale
+    /// above 1; Flux: a true-CFG scale with a negative prompt).
+    pub fn validate_for_cfg(&self, cfg: &CfgUse) -> Result<()> {
+        if let (2, CfgUse::Off { how_to_enable }) = (self.cfg, cfg) {
             return Err(Error::invalid(format!(
-                "CFG parallel needs classifier-free guidance: guidance_scale > 1 (got \
-                 {guidance_scale}); raise --guidance-scale or drop --use-cfg-parallel"
+                "CFG parallel needs classifier-free guidance, which this request does not use: \
+                 {how_to_enable}, or drop --use-cfg-parallel"
             )));
         }
         Ok(())
+    }
+}
+
+/// Whether a request uses classifier-free guidance, as its pipeline decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CfgUse {
+    On,
+    /// Off; `how_to_enable` says what would turn it on (e.g. "raise --guidance-scale above 1
+    /// (got 1)").
+    Off {
+        how_to_enable: String,
+    },
+}
+
+impl CfgUse {
+    pub fn is_on(&self) -> bool {
+        matches!(self, CfgUse::On)
     }
 }
 
@@ -472,29 +493,39 @@ mod tests {
         RankMesh::with_world_size(&config(2, true, 1, 2, 1, 1), 8).unwrap();
 
         let m = RankMesh::new(&config(1, false, 1, 3, 1, 1)).unwrap();
-        let msg = m.validate_for_model(4, 28, 4.5).unwrap_err().to_string();
+        let msg = m
+            .validate_for_model(4, 28, &CfgUse::On)
+            .unwrap_err()
+            .to_string();
         assert!(
             msg.contains("--ulysses-degree 3 does not divide the 4 attention heads; use 1, 2 or 4"),
             "{msg}"
         );
         let m = RankMesh::new(&config(1, false, 1, 3, 1, 2)).unwrap();
-        let msg = m.validate_for_model(16, 28, 4.5).unwrap_err().to_string();
+        let msg = m
+            .validate_for_model(16, 28, &CfgUse::On)
+            .unwrap_err()
+            .to_string();
         assert!(
             msg.contains("8 attention heads each tensor-parallel rank"),
             "{msg}"
         );
         let m = RankMesh::new(&config(1, false, 1, 1, 1, 3)).unwrap();
-        assert!(m.validate_for_model(16, 28, 4.5).is_err());
+        assert!(m.validate_for_model(16, 28, &CfgUse::On).is_err());
 
         let m = RankMesh::new(&config(1, true, 1, 1, 1, 1)).unwrap();
-        let msg = m.validate_for_model(16, 28, 1.0).unwrap_err().to_string();
+        let off = CfgUse::Off {
+            how_to_enable: "raise --guidance-scale above 1 (got 1)".into(),
+        };
+        let msg = m.validate_for_model(16, 28, &off).unwrap_err().to_string();
         assert!(
-            msg.contains("CFG parallel needs classifier-free guidance: guidance_scale > 1"),
+            msg.contains("CFG parallel needs classifier-free guidance")
+                && msg.contains("raise --guidance-scale above 1 (got 1), or drop --use-cfg"),
             "{msg}"
         );
-        m.validate_for_model(16, 28, 4.5).unwrap();
+        m.validate_for_model(16, 28, &CfgUse::On).unwrap();
 
         let m = RankMesh::new(&config(1, false, 4, 1, 1, 1)).unwrap();
-        assert!(m.validate_for_model(16, 2, 4.5).is_err());
+        assert!(m.validate_for_model(16, 2, &CfgUse::On).is_err());
     }
 }

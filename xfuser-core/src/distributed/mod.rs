@@ -31,7 +31,7 @@ pub use group::{
 };
 pub use launch::{launch_local, LaunchOptions, RankContext, RankThreads};
 pub use local::{AbortReason, LocalComm, LocalWorld};
-pub use mesh::{group_name, Axis, RankCoords, RankMesh};
+pub use mesh::{group_name, Axis, CfgUse, RankCoords, RankMesh};
 pub use runtime_state::{InputMetadata, Patch, RuntimeState, ShapeParams, SpSlice, TokenRange};
 
 #[cfg(test)]

@@ -233,14 +233,19 @@ pub struct RuntimeState {
 }
 
 impl RuntimeState {
-    /// The state for `mesh` and a backbone of `patch_size`; `num_pipeline_patch` defaults to
-    /// the PipeFusion degree (xDiT's default). The VAE scale factor is 8.
-    pub fn new(mesh: &RankMesh, patch_size: usize, num_pipeline_patch: Option<usize>) -> Self {
+    /// The state for `mesh`, a backbone of `patch_size` and a VAE of `vae_scale_factor`;
+    /// `num_pipeline_patch` defaults to the PipeFusion degree (xDiT's default).
+    pub fn new(
+        mesh: &RankMesh,
+        patch_size: usize,
+        vae_scale_factor: usize,
+        num_pipeline_patch: Option<usize>,
+    ) -> Self {
         Self::with_params(ShapeParams {
             sp_degree: mesh.degree(Axis::Sp),
             num_pipeline_patch: num_pipeline_patch.unwrap_or(mesh.degree(Axis::Pp)),
             patch_size,
-            vae_scale_factor: 8,
+            vae_scale_factor,
         })
     }
 
@@ -428,7 +433,7 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let mut state = RuntimeState::new(&mesh, 2, None);
+        let mut state = RuntimeState::new(&mesh, 2, 8, None);
         assert_eq!(state.params().num_pipeline_patch, 2);
         let a = state.set_input_parameters(256, 256, 1, 20).unwrap().clone();
         assert_eq!(a.patches.len(), 2);

@@ -1,0 +1,478 @@
+//! The runtime every pipeline drives: it loads the transformer (whole, or one part per
+//! PipeFusion stage), checks a request against the parallel configuration, starts the ranks,
+//! gives each rank its share of the work (data-parallel rows, a CFG half, a sequence slice, a
+//! pipeline stage), runs the denoising loop, and has the lead rank of each data-parallel group
+//! decode. A pipeline states only what differs between models ([`DenoisingPipeline`]): how a
+//! request becomes a job (text encoding, conditioning, initial latents, a scheduler with its
+//! timesteps) and how latents become images. docs/model-contract.md describes the contract.
+//!
+//! Ranks are threads of this process ([`launch_local`]); every rank prepares its job itself,
+//! from the same request, so that each sees exactly the serial inputs.
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use xfuser_core::backbone::{Backbone, ForwardContext, PipelineStage, SpContext};
+use xfuser_core::distributed::{
+    launch_local, Axis, CfgUse, InputMetadata, LaunchOptions, RankContext, RankMesh, RuntimeState,
+};
+use xfuser_core::engine::{
+    EngineConfig, InputConfig, OutputType, ParallelConfig, PipelineOutput, RgbImage, RuntimeConfig,
+};
+use xfuser_core::random::Generator;
+use xfuser_core::registry::{
+    load_transformer, resolve_class_name, transformer_shape, Kind, LoadOptions,
+};
+use xfuser_core::scheduler::Scheduler;
+use xfuser_core::{Error, Result};
+
+use crate::denoise::{denoise, Guidance};
+use crate::pipefusion::{denoise_pipefusion, PipeFusionConfig};
+
+/// What the runtime needs to know of a request, fixed by the pipeline's plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunShape {
+    /// The size generated at, in pixels (the latent is `height / vae_scale_factor` rows).
+    pub height: usize,
+    pub width: usize,
+    /// Images in the whole request.
+    pub batch: usize,
+    /// Whether the request uses classifier-free guidance: the pipeline decides.
+    pub cfg: CfgUse,
+}
+
+/// What one rank denoises: made by the pipeline from the request.
+pub struct DenoiseJob {
+    /// (B, C, h, w) initial latents of the whole request, already scaled by the scheduler's
+    /// `init_noise_sigma`.
+    pub latents: Tensor,
+    /// The conditioning of each side of classifier-free guidance (one side without it).
+    pub guidance: Guidance,
+    /// The scheduler, its timesteps set.
+    pub scheduler: Box<dyn Scheduler>,
+    /// The generator the initial noise was drawn from, for stochastic scheduler steps.
+    pub generator: Generator,
+}
+
+/// What a pipeline supplies to the runtime.
+pub trait DenoisingPipeline: Sync {
+    /// The request resolved by the pipeline (sizes after binning, text lengths, ...).
+    type Plan: Sync;
+
+    /// Validates the request and fixes its sizes, before any work.
+    fn plan(&self, input: &InputConfig) -> Result<(RunShape, Self::Plan)>;
+
+    /// The job of the whole request: text encoding, conditioning, initial latents, scheduler.
+    /// Called on every rank.
+    fn prepare(&self, plan: &Self::Plan, input: &InputConfig) -> Result<DenoiseJob>;
+
+    /// Final latents (B, C, h, w) to images, on the lead rank of a data-parallel group.
+    fn decode(&self, plan: &Self::Plan, latents: &Tensor) -> Result<Vec<RgbImage>>;
+}
+
+/// A loaded transformer and the parallel configuration it runs under.
+pub struct DiTRuntime {
+    /// The whole transformer, or with PipeFusion one part per stage, in stage order.
+    transformers: Vec<Box<dyn Backbone>>,
+    vae_scale_factor: usize,
+    parallel: ParallelConfig,
+    runtime: RuntimeConfig,
+}
+
+/// A rank's share of the request's batch: rows `start..start + len`.
+#[derive(Debug, Clone, Copy)]
+struct BatchSlice {
+    start: usize,
+    len: usize,
+}
+
+impl DiTRuntime {
+    /// Loads the transformer in `dir` for `engine`'s parallel configuration. Its class must
+    /// be one of `accepts` (the backbones `pipeline` is made for); degrees are checked against
+    /// its config before any weights are read, and with PipeFusion each stage reads only its
+    /// blocks.
+    pub fn load(
+        dir: &Path,
+        pipeline: &str,
+        accepts: &[&str],
+        vae_scale_factor: usize,
+        engine: &EngineConfig,
+    ) -> Result<Self> {
+        let parallel = &engine.parallel;
+        parallel.validate()?;
+        let file = dir.join("config.json");
+        let config = xfuser_core::config::read_json_value(&file)?;
+        let name = xfuser_core::config::class_name_of(&config, &file)?;
+        let class = resolve_class_name(Kind::Transformer, &name, &config);
+        if !accepts.contains(&class) {
+            return Err(Error::Config {
+                file,
+                field: "_class_name".into(),
+                message: format!(
+                    "{pipeline} runs {}, not `{name}`: the folder's model_index.json names the \
+                     wrong pipeline for this transformer",
+                    accepts.join(" or ")
+                ),
+            });
+        }
+        if !parallel.is_serial() {
+            let shape = transformer_shape(dir)?;
+            RankMesh::new(parallel)?
+                .validate_for_shape(shape.num_attention_heads, shape.num_layers)?;
+        }
+        let options = LoadOptions {
+            dtype: engine.model.dtype,
+            device: engine.model.device.clone(),
+            stage: None,
+        };
+        let pp = parallel.pipefusion_parallel_degree;
+        let transformers = if pp > 1 {
+            (0..pp)
+                .map(|index| {
+                    let stage = PipelineStage {
+                        index,
+                        num_stages: pp,
+                        layer_counts: parallel.attn_layer_num_for_pp.clone(),
+                    };
+                    let options = LoadOptions {
+                        stage: Some(stage),
+                        ..options.clone()
+                    };
+                    load_transformer(dir, &options)
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            vec![load_transformer(dir, &options)?]
+        };
+        Ok(Self {
+            transformers,
+            vae_scale_factor,
+            parallel: parallel.clone(),
+            runtime: engine.runtime.clone(),
+        })
+    }
+
+    /// The transformer (with PipeFusion: its first stage, which knows the model's facts).
+    pub fn transformer(&self) -> &dyn Backbone {
+        self.transformers[0].as_ref()
+    }
+
+    /// The parts of the transformer, one per PipeFusion stage (one in all when P = 1).
+    pub fn stage_transformers(&self) -> impl Iterator<Item = &dyn Backbone> {
+        self.transformers.iter().map(|t| t.as_ref())
+    }
+
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae_scale_factor
+    }
+
+    pub fn parallel(&self) -> &ParallelConfig {
+        &self.parallel
+    }
+
+    /// Height and width must cut into whole transformer patches of the latent.
+    pub fn size_multiple(&self) -> usize {
+        self.vae_scale_factor * self.transformer().info().patch_size
+    }
+
+    /// Checks a planned request against the model and the parallel configuration, before
+    /// any work.
+    pub fn check(&self, shape: &RunShape, input: &InputConfig) -> Result<()> {
+        let multiple = self.size_multiple();
+        if !shape.height.is_multiple_of(multiple) || !shape.width.is_multiple_of(multiple) {
+            return Err(Error::invalid(format!(
+                "--height {} and --width {} must be multiples of {multiple} for this model (VAE \
+                 scale factor {} × patch size {})",
+                shape.height,
+                shape.width,
+                self.vae_scale_factor,
+                self.transformer().info().patch_size
+            )));
+        }
+        if self.parallel.is_serial() {
+            return Ok(());
+        }
+        let info = self.transformer().info();
+        let mesh = RankMesh::new(&self.parallel)?;
+        mesh.validate_for_model(info.num_attention_heads, info.num_layers, &shape.cfg)?;
+        let dp = self.parallel.data_parallel_degree;
+        if shape.batch < dp {
+            return Err(Error::invalid(format!(
+                "--data-parallel-degree {dp} needs at least {dp} images, but the request makes \
+                 {} (prompts × --num-images-per-prompt)",
+                shape.batch
+            )));
+        }
+        if self.parallel.pipefusion_parallel_degree > 1 {
+            // Refuses a patch count the image cannot be cut into, before any work.
+            self.runtime_metadata(&mesh, shape, shape.batch, input)?;
+        }
+        Ok(())
+    }
+
+    /// Plans the request with `pipeline`, checks it, and runs it: in this thread when serial,
+    /// else on one thread per rank. `on_step(i, n)` reports rank 0's progress.
+    pub fn generate<P: DenoisingPipeline>(
+        &self,
+        pipeline: &P,
+        input: &InputConfig,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<PipelineOutput> {
+        let (shape, plan) = pipeline.plan(input)?;
+        self.check(&shape, input)?;
+        if self.parallel.is_serial() {
+            return match self.run_rank(pipeline, &shape, &plan, input, None, on_step)? {
+                Some((_, output)) => Ok(output),
+                None => Err(Error::invalid("the serial run produced no output")),
+            };
+        }
+        self.generate_parallel(pipeline, &shape, &plan, input, on_step)
+    }
+
+    /// The rows of the batch data-parallel group `index` of `degree` works on: contiguous,
+    /// the first `batch % degree` groups one row more.
+    fn dp_slice(batch: usize, index: usize, degree: usize) -> BatchSlice {
+        let (per, extra) = (batch / degree, batch % degree);
+        BatchSlice {
+            start: index * per + index.min(extra),
+            len: per + usize::from(index < extra),
+        }
+    }
+
+    /// Everything one rank does for a request (`rank` is None in a serial run): prepare the
+    /// job of the whole request (so every data-parallel slice sees exactly the serial
+    /// inputs), denoise its slice, and, on the rank that leads its data-parallel group,
+    /// decode. Returns the group's output on that rank only.
+    fn run_rank<P: DenoisingPipeline>(
+        &self,
+        pipeline: &P,
+        shape: &RunShape,
+        plan: &P::Plan,
+        input: &InputConfig,
+        rank: Option<&RankContext>,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Option<(usize, PipelineOutput)>> {
+        let DenoiseJob {
+            latents,
+            guidance,
+            scheduler,
+            mut generator,
+        } = pipeline.prepare(plan, input)?;
+        if guidance.uses_cfg() != shape.cfg.is_on() {
+            return Err(Error::invalid(format!(
+                "the pipeline planned classifier-free guidance {} but prepared {} negative side",
+                if shape.cfg.is_on() { "on" } else { "off" },
+                if guidance.uses_cfg() { "a" } else { "no" }
+            )));
+        }
+        let coords = rank.map(RankContext::coords);
+        let (dp_index, slice) = match coords {
+            Some(c) => (
+                c.dp,
+                Self::dp_slice(shape.batch, c.dp, self.parallel.data_parallel_degree),
+            ),
+            None => (
+                0,
+                BatchSlice {
+                    start: 0,
+                    len: shape.batch,
+                },
+            ),
+        };
+        let (latents, guidance) = if slice.len == shape.batch {
+            (latents, guidance)
+        } else {
+            (
+                latents.narrow(0, slice.start, slice.len)?,
+                guidance.narrow_batch(slice.start, slice.len)?,
+            )
+        };
+        let cfg_group = rank.map(RankContext::cfg_group).filter(|g| g.size() > 1);
+        let failure = self.runtime.inject_failure;
+        let this_rank = rank.map_or(0, RankContext::rank);
+        let mut report = |i: usize, total: usize| -> Result<()> {
+            on_step(i, total);
+            if failure == Some((this_rank, i)) {
+                return Err(Error::invalid(format!(
+                    "injected failure on rank {this_rank} after step {i} (RuntimeConfig::inject_failure)"
+                )));
+            }
+            Ok(())
+        };
+        let pp = self.parallel.pipefusion_parallel_degree;
+        let latents = match rank {
+            Some(rank) if pp > 1 => {
+                let metadata = self.runtime_metadata(rank.mesh(), shape, slice.len, input)?;
+                let config = PipeFusionConfig {
+                    backbone: self.transformers[rank.coords().pp].as_ref(),
+                    scheduler: scheduler.as_ref(),
+                    rank,
+                    metadata: &metadata,
+                    warmup_steps: self.parallel.warmup_steps,
+                    zero_stale_kv: self.runtime.pipefusion_zero_stale_kv,
+                };
+                denoise_pipefusion(
+                    &config,
+                    latents,
+                    &guidance,
+                    Some(&mut generator),
+                    &mut report,
+                )?
+            }
+            _ => {
+                let ctx = match rank {
+                    Some(rank) => self.forward_context(rank, shape, slice.len, input)?,
+                    None => ForwardContext::default(),
+                };
+                Some(denoise(
+                    self.transformer(),
+                    scheduler.as_ref(),
+                    latents,
+                    &guidance,
+                    &ctx,
+                    cfg_group,
+                    Some(&mut generator),
+                    &mut report,
+                )?)
+            }
+        };
+
+        // The output lives on the last pipeline stage (the only one with PipeFusion).
+        let leads_group =
+            coords.is_none_or(|c| c.cfg == 0 && c.sp == 0 && c.pp + 1 == pp && c.tp == 0);
+        let (true, Some(latents)) = (leads_group, latents) else {
+            return Ok(None);
+        };
+        let images = match input.output_type {
+            OutputType::Latent => Vec::new(),
+            OutputType::Pil => pipeline.decode(plan, &latents)?,
+        };
+        Ok(Some((
+            dp_index,
+            PipelineOutput {
+                latents,
+                images,
+                comm_stats: None,
+            },
+        )))
+    }
+
+    /// The runtime state's metadata of this request's shape on `mesh` for `batch` rows: the
+    /// sp split and the PipeFusion patches.
+    fn runtime_metadata(
+        &self,
+        mesh: &RankMesh,
+        shape: &RunShape,
+        batch: usize,
+        input: &InputConfig,
+    ) -> Result<InputMetadata> {
+        let mut state = RuntimeState::new(
+            mesh,
+            self.transformer().info().patch_size,
+            self.vae_scale_factor,
+            self.parallel.num_pipeline_patch,
+        );
+        Ok(state
+            .set_input_parameters(shape.height, shape.width, batch, input.num_inference_steps)?
+            .clone())
+    }
+
+    /// The sequence-parallel forward context of `rank` for this request's shape, or the
+    /// serial one when the sp degree is 1.
+    fn forward_context(
+        &self,
+        rank: &RankContext,
+        shape: &RunShape,
+        batch: usize,
+        input: &InputConfig,
+    ) -> Result<ForwardContext> {
+        if rank.mesh().degree(Axis::Sp) == 1 {
+            return Ok(ForwardContext::default());
+        }
+        let mut state = RuntimeState::new(
+            rank.mesh(),
+            self.transformer().info().patch_size,
+            self.vae_scale_factor,
+            None,
+        );
+        let metadata = state.set_input_parameters(
+            shape.height,
+            shape.width,
+            batch,
+            input.num_inference_steps,
+        )?;
+        let sp = SpContext::from_rank(rank, metadata.full.clone())?;
+        let method = sp.method_name();
+        ForwardContext::sequence_parallel(method, sp)
+    }
+
+    /// Runs every rank of the parallel configuration as a thread, forwards rank 0's progress
+    /// to `on_step`, and joins the data-parallel groups' outputs in order.
+    fn generate_parallel<P: DenoisingPipeline>(
+        &self,
+        pipeline: &P,
+        shape: &RunShape,
+        plan: &P::Plan,
+        input: &InputConfig,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<PipelineOutput> {
+        let mesh = RankMesh::new(&self.parallel)?;
+        let options = LaunchOptions::with_timeout(self.runtime.comm_timeout);
+        let stats = options.stats.clone();
+        let (progress, steps) = std::sync::mpsc::channel::<(usize, usize)>();
+        let outcome = std::thread::scope(|scope| {
+            let runner = scope.spawn(move || {
+                launch_local(&mesh, &options, |rank| {
+                    let progress = progress.clone();
+                    let mut report = |i, n| {
+                        if rank.rank() == 0 {
+                            // The receiver outlives the run; a send cannot fail before then.
+                            let _ = progress.send((i, n));
+                        }
+                    };
+                    self.run_rank(pipeline, shape, plan, input, Some(&rank), &mut report)
+                })
+            });
+            // Ends when the runner drops the last sender, i.e. when every rank is done.
+            for (i, n) in steps {
+                on_step(i, n);
+            }
+            runner.join()
+        });
+        let ranks = outcome
+            .map_err(|_| Error::invalid("the parallel run's launcher thread panicked"))??;
+        let mut groups: Vec<(usize, PipelineOutput)> = ranks.into_iter().flatten().collect();
+        groups.sort_by_key(|(dp, _)| *dp);
+        let latents: Vec<Tensor> = groups.iter().map(|(_, o)| o.latents.clone()).collect();
+        let images = groups.into_iter().flat_map(|(_, o)| o.images).collect();
+        Ok(PipelineOutput {
+            latents: Tensor::cat(&latents, 0)?,
+            images,
+            comm_stats: Some(stats),
+        })
+    }
+}
+
+/// Initial noise of `shape` drawn from `generator` (diffusers' `randn_tensor` on the CPU), or
+/// the latents the request gave, checked against the shape.
+pub fn initial_latents(
+    input: &InputConfig,
+    shape: (usize, usize, usize, usize),
+    generator: &mut Generator,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let dims = [shape.0, shape.1, shape.2, shape.3];
+    match &input.latents {
+        Some(latents) => {
+            if latents.dims() != dims {
+                return Err(Error::invalid(format!(
+                    "given latents have shape {:?}, expected {:?}",
+                    latents.dims(),
+                    shape
+                )));
+            }
+            Ok(latents.to_device(device)?)
+        }
+        None => generator.randn_tensor(&dims, device),
+    }
+}
