@@ -1,5 +1,7 @@
-//! The text side of the PixArt pipelines: the T5 tokenizer (from `tokenizer.json` or
-//! `spiece.model`) and the T5 encoder with its attention mask, numerically as transformers 5.23.
+//! The text side of the pipelines, numerically as transformers 5.23: the T5 tokenizer (from
+//! `tokenizer.json` or `spiece.model`) and the T5 encoder with its attention mask (PixArt, SD3's
+//! `text_encoder_3`), and the CLIP BPE tokenizer and `CLIPTextModelWithProjection` (SD3's
+//! `tokenizer`/`text_encoder` and `tokenizer_2`/`text_encoder_2`).
 //!
 //! ```no_run
 //! # fn main() -> xfuser_core::Result<()> {
@@ -13,9 +15,13 @@
 //! # Ok(()) }
 //! ```
 
+pub mod clip;
+pub mod clip_tokenizer;
 mod spiece;
 pub mod t5;
 pub mod tokenizer;
 
+pub use clip::{ClipTextConfig, ClipTextModelWithProjection, ClipTextOutput};
+pub use clip_tokenizer::ClipTokenizer;
 pub use t5::{T5Config, T5EncoderModel};
 pub use tokenizer::{T5Tokenizer, TokenizedBatch, TokenizerConfig};
