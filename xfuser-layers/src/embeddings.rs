@@ -393,6 +393,49 @@ impl Module for PixArtAlphaTextProjection {
     }
 }
 
+/// diffusers' `CombinedTimestepTextProjEmbeddings` (SD3): the embedded timestep plus the
+/// projected pooled text, `timestep_embedder(time_proj(t)) + text_embedder(pooled)`, where
+/// `time_proj` is the 256-channel `[cos, sin]` sinusoid and `text_embedder` is
+/// `linear_1 -> SiLU -> linear_2` (diffusers' `PixArtAlphaTextProjection` with `act_fn="silu"`).
+#[derive(Debug, Clone)]
+pub struct CombinedTimestepTextProjEmbeddings {
+    timestep_embedder: TimestepEmbedding,
+    text_linear_1: Linear,
+    text_linear_2: Linear,
+}
+
+impl CombinedTimestepTextProjEmbeddings {
+    /// `vb` is the module's prefix (`time_text_embed`).
+    pub fn new(embedding_dim: usize, pooled_projection_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let text = vb.pp("text_embedder");
+        Ok(Self {
+            timestep_embedder: TimestepEmbedding::new(
+                PIXART_TIME_PROJ_DIM,
+                embedding_dim,
+                vb.pp("timestep_embedder"),
+            )?,
+            text_linear_1: candle_nn::linear(
+                pooled_projection_dim,
+                embedding_dim,
+                text.pp("linear_1"),
+            )?,
+            text_linear_2: candle_nn::linear(embedding_dim, embedding_dim, text.pp("linear_2"))?,
+        })
+    }
+
+    /// timestep (B,), pooled (B, pooled_projection_dim) -> (B, D) in the dtype of `pooled`.
+    pub fn forward(&self, timestep: &Tensor, pooled: &Tensor) -> Result<Tensor> {
+        let proj = get_timestep_embedding(timestep, PIXART_TIME_PROJ_DIM, true, 0.0, 1.0, 10000.0)?;
+        let t_emb = self
+            .timestep_embedder
+            .forward(&proj.to_dtype(pooled.dtype())?)?;
+        let text = self
+            .text_linear_2
+            .forward(&self.text_linear_1.forward(pooled)?.silu()?)?;
+        t_emb + text
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

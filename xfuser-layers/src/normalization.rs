@@ -117,6 +117,96 @@ impl AdaLayerNormSingle {
     }
 }
 
+/// diffusers' `RMSNorm` over the last dimension: `x / sqrt(mean(x²) + eps)`, computed in f32,
+/// times `weight` when it has one (`elementwise_affine`), in the input dtype. SD3.5's and
+/// Flux's query/key norms.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Option<Tensor>,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// `elementwise_affine` reads `weight` from `vb`.
+    pub fn new(dim: usize, eps: f64, elementwise_affine: bool, vb: VarBuilder) -> Result<Self> {
+        let weight = if elementwise_affine {
+            Some(vb.get(dim, "weight")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, eps })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(w) = &self.weight {
+            if xs.dtype() == DType::F32 && w.dtype() == DType::F32 {
+                // One fused pass (f32 throughout, as diffusers computes it).
+                return candle_nn::ops::rms_norm(&xs.contiguous()?, w, self.eps as f32);
+            }
+        }
+        let dtype = xs.dtype();
+        let x = xs.to_dtype(DType::F32)?;
+        let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x
+            .broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
+        match &self.weight {
+            Some(w) => normed.broadcast_mul(&w.to_dtype(dtype)?),
+            None => Ok(normed),
+        }
+    }
+}
+
+/// diffusers' `AdaLayerNormContinuous` with its `layer_norm` norm: `norm(x)·(1 + scale) +
+/// shift`, where `[scale, shift] = linear(SiLU(conditioning))` (scale first). SD3's and Flux's
+/// `norm_out`, and SD3's `norm1_context` of the last block.
+#[derive(Debug, Clone)]
+pub struct AdaLayerNormContinuous {
+    linear: Linear,
+    norm: LayerNorm,
+    dim: usize,
+}
+
+impl AdaLayerNormContinuous {
+    /// `vb` is the module's prefix; `linear` maps `conditioning_dim` to `2·embedding_dim`, and
+    /// `elementwise_affine` reads the norm's `norm.weight` and `norm.bias`.
+    pub fn new(
+        embedding_dim: usize,
+        conditioning_dim: usize,
+        elementwise_affine: bool,
+        eps: f64,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            linear: xfuser_core::kernels::gemm_friendly_linear(&candle_nn::linear_b(
+                conditioning_dim,
+                2 * embedding_dim,
+                bias,
+                vb.pp("linear"),
+            )?)?,
+            norm: LayerNorm::new(embedding_dim, eps, elementwise_affine, vb.pp("norm"))?,
+            dim: embedding_dim,
+        })
+    }
+
+    /// x (B, N, D), conditioning (B, C) -> (B, N, D).
+    pub fn forward(&self, xs: &Tensor, conditioning: &Tensor) -> Result<Tensor> {
+        let emb = self
+            .linear
+            .forward(&conditioning.silu()?.to_dtype(xs.dtype())?)?;
+        let batch = emb.dim(0)?;
+        let part = |i: usize| -> Result<Tensor> {
+            emb.narrow(1, i * self.dim, self.dim)?
+                .reshape((batch, 1, self.dim))?
+                .contiguous()
+        };
+        self.norm.forward_modulated(xs, &part(1)?, &part(0)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +232,51 @@ mod tests {
         let s = 3f32.sqrt();
         for (a, b) in y[1].iter().zip([-1.0 / s, -1.0 / s, -1.0 / s, 3.0 / s]) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod rms_norm_tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn rms_norm_matches_closed_form_in_f32_and_bf16() {
+        let x = Tensor::new(
+            &[[1f32, -2.0, 3.0, 4.0], [0.5, 0.5, -0.5, 0.5]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let w = Tensor::new(&[1f32, 2.0, 0.5, -1.0], &Device::Cpu).unwrap();
+        let vb = VarBuilder::from_tensors(
+            [("weight".to_string(), w)].into_iter().collect(),
+            DType::F32,
+            &Device::Cpu,
+        );
+        let norm = RmsNorm::new(4, 1e-6, true, vb).unwrap();
+        let expect = |row: [f32; 4]| -> Vec<f32> {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / 4.0;
+            let r = (ms + 1e-6).sqrt();
+            row.iter()
+                .zip([1f32, 2.0, 0.5, -1.0])
+                .map(|(v, w)| v / r * w)
+                .collect()
+        };
+        let rows = [[1f32, -2.0, 3.0, 4.0], [0.5, 0.5, -0.5, 0.5]];
+        let y: Vec<Vec<f32>> = norm.forward(&x).unwrap().to_vec2().unwrap();
+        let yb: Vec<Vec<f32>> = norm
+            .forward(&x.to_dtype(DType::BF16).unwrap())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for ((got, got_bf16), row) in y.iter().zip(&yb).zip(rows) {
+            for ((a, b), e) in got.iter().zip(got_bf16).zip(expect(row)) {
+                assert!((a - e).abs() < 1e-6, "{a} vs {e}");
+                assert!((b - e).abs() < 2e-2, "bf16 {b} vs {e}");
+            }
         }
     }
 }

@@ -2,5 +2,7 @@
 //! each registering itself in the xfuser-core registry.
 
 pub mod pixart_transformer_2d;
+pub mod transformer_sd3;
 
 pub use pixart_transformer_2d::PixArtTransformer2DModel;
+pub use transformer_sd3::SD3Transformer2DModel;
