@@ -77,7 +77,7 @@ struct GenerateArgs {
     /// Generate at the requested size instead of the nearest trained aspect-ratio bin.
     #[arg(long, alias = "no_use_resolution_binning")]
     no_use_resolution_binning: bool,
-    /// Text tokens kept per prompt; default: 120 (PixArt-α) or 300 (PixArt-Σ).
+    /// Text tokens kept per prompt (T5); default: 120 (PixArt-α), 300 (PixArt-Σ), 256 (SD3).
     #[arg(long, alias = "max_sequence_length")]
     max_sequence_length: Option<usize>,
     #[arg(long, value_enum, default_value = "f32")]

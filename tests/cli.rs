@@ -981,6 +981,61 @@ fn model_dot_names_outputs_after_the_folder() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Stable Diffusion 3
+// ---------------------------------------------------------------------------------------------
+
+fn sd3_dir() -> PathBuf {
+    fixtures_dir().join("sd3/tiny-sd3")
+}
+
+/// The SD3 golden `square_cfg` through the CLI: (1, 16, 8, 8) latents within 1e-4 of
+/// diffusers'.
+#[test]
+fn sd3_latents_match_the_golden() {
+    let out = TempDir::new("sd3-latent");
+    let args: Vec<String> = [
+        "generate",
+        "--model",
+        &sd3_dir().to_string_lossy(),
+        "--prompt",
+        "a red cat sitting on the moon",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--num-inference-steps",
+        "6",
+        "--guidance-scale",
+        "5",
+        "--seed",
+        "0",
+        "--max-sequence-length",
+        "16",
+        "--output-type",
+        "latent",
+        "--quiet",
+        "--output-dir",
+        &out.path().to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let latents = latents_run(&args, out.path(), "tiny-sd3");
+    assert_eq!(latents.dims(), [1, 16, 8, 8]);
+    let golden = load_goldens(&fixtures_dir().join("sd3/goldens/square_cfg.safetensors")).unwrap();
+    assert_latents_match("sd3 square_cfg", &latents, &golden["latents"]);
+}
+
+#[test]
+fn sd3_ulysses_degree_must_divide_the_heads() {
+    refused(
+        &sd3_dir().to_string_lossy(),
+        &["--ulysses-degree", "3"],
+        &["--ulysses-degree 3", "4 attention heads"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // list
 // ---------------------------------------------------------------------------------------------
 
@@ -995,6 +1050,9 @@ fn list_prints_the_registry() {
         "PixArtSigmaPipeline",
         "transformers:",
         "PixArtTransformer2DModel",
+        "StableDiffusion3Pipeline",
+        "SD3Transformer2DModel",
+        "FlowMatchEulerDiscreteScheduler",
         "schedulers:",
         "DPMSolverMultistepScheduler",
         "DDIMScheduler",

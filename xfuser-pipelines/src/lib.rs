@@ -8,6 +8,7 @@ pub mod image;
 pub mod pipefusion;
 pub mod pipeline_pixart_alpha;
 pub mod pipeline_pixart_sigma;
+pub mod pipeline_stable_diffusion_3;
 pub mod pipeline_utils;
 pub mod runtime;
 pub mod text;
@@ -15,4 +16,5 @@ pub mod vae;
 
 pub use pipeline_pixart_alpha::{xFuserPixArtAlphaPipeline, PixArtPipeline};
 pub use pipeline_pixart_sigma::xFuserPixArtSigmaPipeline;
+pub use pipeline_stable_diffusion_3::xFuserStableDiffusion3Pipeline;
 pub use pipeline_utils::xFuserPipeline;
