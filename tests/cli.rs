@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
-use xfuser::core::testing::{fixtures_dir, load_goldens, max_abs_diff, rel_l2};
+use xfuser::core::testing::{copy_dir, fixtures_dir, load_goldens, max_abs_diff, rel_l2};
 
 const STEM: &str = "result_dp1_cfg1_ulysses1_ring1_pp1_patch1";
 
@@ -159,20 +159,6 @@ fn entries(dir: &Path) -> Vec<String> {
 fn assert_no_files(dir: &Path) {
     let left = entries(dir);
     assert!(left.is_empty(), "{} holds {left:?}", dir.display());
-}
-
-/// Copies a folder tree (files only; the fixtures hold no links).
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
 }
 
 /// A golden case of `tests/fixtures/pipelines/goldens/cases.json`.
@@ -548,7 +534,8 @@ fn fake_hub_cache(cache: &Path) {
     copy_dir(
         &model_dir("tiny-pixart-alpha"),
         &repo.join("snapshots").join(rev),
-    );
+    )
+    .unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), rev).unwrap();
 }
@@ -680,7 +667,7 @@ fn missing_model_folder() {
 fn folder_without_model_index() {
     let tmp = TempDir::new("no-index");
     let dir = tmp.join("model");
-    copy_dir(&model_dir("tiny-pixart-alpha"), &dir);
+    copy_dir(&model_dir("tiny-pixart-alpha"), &dir).unwrap();
     std::fs::remove_file(dir.join("model_index.json")).unwrap();
     refused(&dir.to_string_lossy(), &[], &["model_index.json"]);
 }
@@ -689,7 +676,7 @@ fn folder_without_model_index() {
 fn unregistered_pipeline_class() {
     let tmp = TempDir::new("unknown-class");
     let dir = tmp.join("model");
-    copy_dir(&model_dir("tiny-pixart-alpha"), &dir);
+    copy_dir(&model_dir("tiny-pixart-alpha"), &dir).unwrap();
     let index = dir.join("model_index.json");
     let text = std::fs::read_to_string(&index).unwrap();
     assert!(text.contains("\"PixArtAlphaPipeline\""));
@@ -812,7 +799,7 @@ fn unwritable_output_dir() {
 fn truncated_transformer_weights() {
     let tmp = TempDir::new("truncated");
     let dir = tmp.join("model");
-    copy_dir(&model_dir("tiny-pixart-alpha"), &dir);
+    copy_dir(&model_dir("tiny-pixart-alpha"), &dir).unwrap();
     let weights = dir.join("transformer/diffusion_pytorch_model.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
@@ -823,7 +810,7 @@ fn truncated_transformer_weights() {
 fn mistyped_config_field() {
     let tmp = TempDir::new("bad-config");
     let dir = tmp.join("model");
-    copy_dir(&model_dir("tiny-pixart-alpha"), &dir);
+    copy_dir(&model_dir("tiny-pixart-alpha"), &dir).unwrap();
     let config = dir.join("transformer/config.json");
     let text = std::fs::read_to_string(&config).unwrap();
     assert!(text.contains("\"num_layers\": 2"));
@@ -878,7 +865,7 @@ fn ulysses_degree_must_divide_the_heads() {
 fn ulysses_heads_are_checked_before_loading_weights() {
     let tmp = TempDir::new("heads-first");
     let dir = tmp.join("model");
-    copy_dir(&model_dir("tiny-pixart-alpha"), &dir);
+    copy_dir(&model_dir("tiny-pixart-alpha"), &dir).unwrap();
     std::fs::write(
         dir.join("vae/diffusion_pytorch_model.safetensors"),
         b"broken",
@@ -967,7 +954,7 @@ fn parallel_runs_match_the_golden() {
 fn model_dot_names_outputs_after_the_folder() {
     let tmp = TempDir::new("dot");
     let dir = tmp.join("tiny-pixart-alpha");
-    copy_dir(&model_dir("tiny-pixart-alpha"), &dir);
+    copy_dir(&model_dir("tiny-pixart-alpha"), &dir).unwrap();
     let out = tmp.join("out");
     let r = run(xfuser().current_dir(&dir).args(with_flags(
         quick_args(".", &out),

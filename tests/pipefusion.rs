@@ -26,24 +26,11 @@ use xfuser::core::engine::{
     EngineConfig, InputConfig, OutputType, ParallelConfig, PipelineOutput, RgbImage,
 };
 use xfuser::core::registry::{load_transformer, LoadOptions};
-use xfuser::core::testing::{fixtures_dir, rel_l2};
+use xfuser::core::testing::{copy_dir, fixtures_dir, rel_l2};
 use xfuser::pipelines::xFuserPipeline;
 
 const SIGMA: &str = "tiny-pixart-sigma";
 const SIGMA_4L: &str = "tiny-pixart-sigma-4l";
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
 
 /// tiny-pixart-sigma with 4 transformer blocks: blocks 2 and 3 are copies of blocks 0 and 1
 /// with their weights scaled by 0.8 and 1.1.
@@ -53,7 +40,7 @@ fn build_four_layer_model() -> PathBuf {
     if dir.exists() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
-    copy_dir(&fixtures_dir().join("pipelines").join(SIGMA), &dir);
+    copy_dir(&fixtures_dir().join("pipelines").join(SIGMA), &dir).unwrap();
     let transformer = dir.join("transformer");
     let weights_file = transformer.join("diffusion_pytorch_model.safetensors");
     let mut tensors = candle_core::safetensors::load(&weights_file, &Device::Cpu).unwrap();

@@ -5,9 +5,8 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
 use xfuser::core::engine::{EngineConfig, InputConfig, OutputType};
-use xfuser::core::testing::{fixtures_dir, load_goldens, max_abs_diff, rel_l2};
+use xfuser::core::testing::{fixtures_dir, images_max_abs_diff, load_goldens, read_case, rel_l2};
 use xfuser::pipelines::pipeline_pixart_alpha::{PixArtPipeline, PIXART_ALPHA};
 use xfuser::pipelines::pipeline_pixart_sigma::PIXART_SIGMA;
 use xfuser::pipelines::xFuserPipeline;
@@ -31,10 +30,7 @@ fn pipelines_dir() -> PathBuf {
 }
 
 fn case(name: &str) -> Case {
-    let file = pipelines_dir().join("goldens/cases.json");
-    let all: std::collections::HashMap<String, serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(&file).expect("cases.json")).expect("json");
-    serde_json::from_value(all[name].clone()).expect("case fields")
+    read_case(&pipelines_dir().join("goldens/cases.json"), name).expect("case")
 }
 
 fn input(case: &Case, output_type: OutputType) -> InputConfig {
@@ -74,18 +70,8 @@ fn check_pipeline(name: &str) {
     let out = pipeline
         .generate(&input(&case, OutputType::Pil), &mut |_, _| {})
         .expect("generate images");
-    let reference = &golden["image"]; // (B, H, W, 3) f32 in [0, 1]
-    let (b, h, w, _) = reference.dims4().unwrap();
-    assert_eq!(out.images.len(), b);
-    let pixels: Vec<u8> = out.images.iter().flat_map(|i| i.data.clone()).collect();
-    assert!(out.images.iter().all(|i| (i.height, i.width) == (h, w)));
-    let ours = (Tensor::from_vec(pixels, (b, h, w, 3), &Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        / 255.0)
-        .unwrap();
-    let worst = max_abs_diff(&ours, reference).unwrap();
+    // (B, H, W, 3) f32 in [0, 1]
+    let worst = images_max_abs_diff(&out.images, &golden["image"]).unwrap();
     println!("{name}: image max abs diff = {:.2}/255", worst * 255.0);
     assert!(
         worst <= 2.0 / 255.0,

@@ -7,9 +7,10 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
 use xfuser::core::engine::{EngineConfig, InputConfig, OutputType, ParallelConfig};
-use xfuser::core::testing::{fixtures_dir, load_goldens, max_abs_diff, rel_l2};
+use xfuser::core::testing::{
+    copy_dir, fixtures_dir, images_max_abs_diff, load_goldens, read_case, rel_l2,
+};
 use xfuser::pipelines::pipeline_stable_diffusion_3::StableDiffusion3Pipeline;
 use xfuser::pipelines::xFuserPipeline;
 
@@ -31,10 +32,7 @@ fn sd3_dir() -> PathBuf {
 }
 
 fn case(name: &str) -> Case {
-    let file = sd3_dir().join("goldens/cases.json");
-    let all: std::collections::HashMap<String, serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(&file).expect("cases.json")).expect("json");
-    serde_json::from_value(all[name].clone()).expect("case fields")
+    read_case(&sd3_dir().join("goldens/cases.json"), name).expect("case")
 }
 
 fn input(case: &Case, output_type: OutputType) -> InputConfig {
@@ -74,18 +72,8 @@ fn check_pipeline(name: &str) {
     let out = pipeline
         .generate(&input(&case, OutputType::Pil), &mut |_, _| {})
         .expect("generate images");
-    let reference = &golden["image"]; // (B, H, W, 3) f32 in [0, 1]
-    let (b, h, w, _) = reference.dims4().unwrap();
-    assert_eq!(out.images.len(), b);
-    assert!(out.images.iter().all(|i| (i.height, i.width) == (h, w)));
-    let pixels: Vec<u8> = out.images.iter().flat_map(|i| i.data.clone()).collect();
-    let ours = (Tensor::from_vec(pixels, (b, h, w, 3), &Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        / 255.0)
-        .unwrap();
-    let worst = max_abs_diff(&ours, reference).unwrap();
+    // (B, H, W, 3) f32 in [0, 1]
+    let worst = images_max_abs_diff(&out.images, &golden["image"]).unwrap();
     println!("{name}: image max abs diff = {:.2}/255", worst * 255.0);
     assert!(
         worst <= 2.0 / 255.0,
@@ -159,7 +147,7 @@ impl TempModel {
         let dir =
             std::env::temp_dir().join(format!("xfuser-sd3-{tag}-{}-{model}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        copy_dir(&sd3_dir().join(model), &dir);
+        copy_dir(&sd3_dir().join(model), &dir).unwrap();
         Self { dir }
     }
 }
@@ -167,19 +155,6 @@ impl TempModel {
 impl Drop for TempModel {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
     }
 }
 
@@ -258,7 +233,7 @@ fn an_sd3_transformer_in_a_pixart_folder_is_refused() {
         ("text_encoder_3", "text_encoder"),
     ] {
         std::fs::remove_dir_all(model.dir.join(to)).unwrap();
-        copy_dir(&model.dir.join(from), &model.dir.join(to));
+        copy_dir(&model.dir.join(from), &model.dir.join(to)).unwrap();
     }
     let err = load_error(&model.dir, ParallelConfig::default());
     assert!(

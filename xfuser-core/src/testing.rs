@@ -84,3 +84,50 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     let b = b.to_dtype(DType::F64)?.flatten_all()?;
     Ok((a - b)?.abs()?.max(0)?.to_scalar::<f64>()?)
 }
+
+/// Copies the folder `from` into `to` (created), recursively: tests that break a fixture do it
+/// on a copy.
+pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+    for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+        let entry = entry.map_err(|e| Error::io(from, e))?;
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target).map_err(|e| Error::io(&target, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Entry `name` of a `cases.json` golden index (`file`), read into `T`.
+pub fn read_case<T: serde::de::DeserializeOwned>(file: &Path, name: &str) -> Result<T> {
+    let all: serde_json::Value = crate::config::read_json_value(file)?;
+    let case = all
+        .get(name)
+        .ok_or_else(|| Error::invalid(format!("{}: no case named {name:?}", file.display())))?;
+    crate::config::json_value_config(case, file)
+}
+
+/// Largest per-pixel difference, in [0, 1] units, between 8-bit images and a reference
+/// (B, H, W, 3) tensor in [0, 1] (diffusers' `output_type="np"`); an error when the count or
+/// sizes differ.
+pub fn images_max_abs_diff(images: &[crate::engine::RgbImage], reference: &Tensor) -> Result<f64> {
+    let (b, h, w, c) = reference.dims4()?;
+    if images.len() != b || c != 3 || images.iter().any(|i| (i.height, i.width) != (h, w)) {
+        return Err(Error::invalid(format!(
+            "{} images of sizes {:?} against a reference {:?}",
+            images.len(),
+            images
+                .iter()
+                .map(|i| (i.height, i.width))
+                .collect::<Vec<_>>(),
+            reference.dims()
+        )));
+    }
+    let pixels: Vec<u8> = images.iter().flat_map(|i| i.data.iter().copied()).collect();
+    let ours =
+        (Tensor::from_vec(pixels, (b, h, w, 3), &Device::Cpu)?.to_dtype(DType::F64)? / 255.0)?;
+    max_abs_diff(&ours, reference)
+}

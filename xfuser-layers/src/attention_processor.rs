@@ -263,7 +263,7 @@ fn gathered_attention(
 }
 
 /// This ulysses member's heads of a whole-text tensor (B, H, L, Dh) -> (B, H/U, L, Dh).
-fn own_heads(ulysses: &ProcessGroup, xs: &Tensor) -> Result<Tensor> {
+pub(crate) fn own_heads(ulysses: &ProcessGroup, xs: &Tensor) -> Result<Tensor> {
     let per = xs.dim(1)? / ulysses.size();
     Ok(xs.narrow(1, ulysses.index() * per, per)?.contiguous()?)
 }

@@ -31,7 +31,9 @@ use xfuser_core::distributed::{ProcessGroup, TokenRange};
 use xfuser_core::registry::AttentionProcessorEntry;
 use xfuser_core::{Error, Result};
 
-use crate::attention_processor::{scatter_heads_gather_sequence, scatter_sequence_gather_heads};
+use crate::attention_processor::{
+    own_heads, scatter_heads_gather_sequence, scatter_sequence_gather_heads,
+};
 
 /// Per layer, the (K, V) of every image token, (B, H/U, N, Dh), as last computed.
 #[derive(Debug)]
@@ -276,11 +278,11 @@ impl PipeFusionAttention {
             return Ok((self.back_to_local(&out)?, None));
         };
         let heads = |t: &Tensor| -> Result<Tensor> {
-            if !use_ulysses {
-                return Ok(t.clone());
+            if use_ulysses {
+                own_heads(&self.ulysses, t)
+            } else {
+                Ok(t.clone())
             }
-            let per = t.dim(1)? / self.ulysses.size();
-            Ok(t.narrow(1, self.ulysses.index() * per, per)?.contiguous()?)
         };
         let (tq, tk, tv) = (heads(text.q)?, heads(text.k)?, heads(text.v)?);
         let image_queries = q.dim(2)?;

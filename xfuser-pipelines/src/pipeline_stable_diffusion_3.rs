@@ -24,7 +24,9 @@ use xfuser_core::{Error, Result};
 
 use crate::denoise::Guidance;
 use crate::image::{postprocess_u8, u8_to_rgb};
-use crate::runtime::{initial_latents, DenoiseJob, DenoisingPipeline, DiTRuntime, RunShape};
+use crate::runtime::{
+    encode_sides, initial_latents, DenoiseJob, DenoisingPipeline, DiTRuntime, RunShape,
+};
 use crate::text::clip::ClipTextModelWithProjection;
 use crate::text::clip_tokenizer::ClipTokenizer;
 use crate::text::t5::T5EncoderModel;
@@ -308,29 +310,19 @@ impl DenoisingPipeline for StableDiffusion3Pipeline {
             )));
         }
         let batch = input.prompts.len() * input.num_images_per_prompt;
-        // diffusers: do_classifier_free_guidance = guidance_scale > 1.
-        let cfg = input.guidance_scale > 1.0;
+        let cfg = CfgUse::from_guidance_scale(input.guidance_scale);
         let shape = RunShape {
             height,
             width,
             batch,
-            cfg: if cfg {
-                CfgUse::On
-            } else {
-                CfgUse::Off {
-                    how_to_enable: format!(
-                        "raise --guidance-scale above 1 (got {})",
-                        input.guidance_scale
-                    ),
-                }
-            },
+            cfg: cfg.clone(),
         };
         let plan = Sd3Plan {
             height,
             width,
             max_sequence_length,
             batch,
-            cfg,
+            cfg: cfg.is_on(),
         };
         Ok((shape, plan))
     }
@@ -339,13 +331,9 @@ impl DenoisingPipeline for StableDiffusion3Pipeline {
         let info = self.transformer().info().clone();
         let scale = self.vae.vae_scale_factor();
         let n = input.num_images_per_prompt;
-        let positive = self.encode_prompt(&input.prompts, n, plan.max_sequence_length)?;
-        let negative = if plan.cfg {
-            let negatives = vec![input.negative_prompt.clone(); input.prompts.len()];
-            Some(self.encode_prompt(&negatives, n, plan.max_sequence_length)?)
-        } else {
-            None
-        };
+        let (positive, negative) = encode_sides(input, plan.cfg, |prompts| {
+            self.encode_prompt(prompts, n, plan.max_sequence_length)
+        })?;
         let mut generator = Generator::manual_seed(input.seed);
         let shape = (
             plan.batch,

@@ -476,3 +476,20 @@ pub fn initial_latents(
         None => generator.randn_tensor(&dims, device),
     }
 }
+
+/// The text sides of a request: `encode` of the prompts and, with classifier-free guidance,
+/// of the negative prompt repeated for every prompt (diffusers' batch of negatives).
+pub fn encode_sides<T>(
+    input: &InputConfig,
+    cfg: bool,
+    encode: impl Fn(&[String]) -> Result<T>,
+) -> Result<(T, Option<T>)> {
+    let positive = encode(&input.prompts)?;
+    let negative = if cfg {
+        let negatives = vec![input.negative_prompt.clone(); input.prompts.len()];
+        Some(encode(&negatives)?)
+    } else {
+        None
+    };
+    Ok((positive, negative))
+}

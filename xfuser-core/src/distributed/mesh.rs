@@ -351,6 +351,18 @@ impl CfgUse {
     pub fn is_on(&self) -> bool {
         matches!(self, CfgUse::On)
     }
+
+    /// The rule of most diffusers pipelines (`do_classifier_free_guidance`): on when the
+    /// guidance scale is above 1.
+    pub fn from_guidance_scale(guidance_scale: f64) -> Self {
+        if guidance_scale > 1.0 {
+            CfgUse::On
+        } else {
+            CfgUse::Off {
+                how_to_enable: format!("raise --guidance-scale above 1 (got {guidance_scale})"),
+            }
+        }
+    }
 }
 
 /// "1, 2 or 4": the divisors of `n`.

@@ -32,9 +32,10 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::roberta::RobertaProcessing;
-use tokenizers::utils::truncation::{truncate_encodings, TruncationParams};
-use tokenizers::{AddedToken, PostProcessor, SplitDelimiterBehavior, Tokenizer};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 use xfuser_core::{Error, Result};
+
+use crate::text::tokenizer::encode_truncated;
 
 /// The words of CLIP's pre-tokenizer (transformers' `CLIPTokenizer`): the special tokens,
 /// English contractions, letter runs, single digits and runs of other non-space characters.
@@ -416,29 +417,7 @@ impl ClipTokenizer {
                 "ClipTokenizer::encode: max_length must be at least 2 (bos and eos), got {max_length}"
             )));
         }
-        let err = |e: tokenizers::Error| {
-            Error::invalid(format!(
-                "tokenizer {}: cannot encode {prompt:?}: {e}",
-                self.source.display()
-            ))
-        };
-        let words = self.tokenizer.encode(prompt, false).map_err(err)?;
-        // As tokenizers does with truncation on: room is kept for the bos and eos the
-        // post-processor adds.
-        let added = self
-            .tokenizer
-            .get_post_processor()
-            .map_or(0, |p| p.added_tokens(false));
-        let params = TruncationParams {
-            max_length: max_length.saturating_sub(added),
-            ..TruncationParams::default()
-        };
-        let (words, _) = truncate_encodings(words, None, &params).map_err(err)?;
-        let encoding = self
-            .tokenizer
-            .post_process(words, None, true)
-            .map_err(err)?;
-        Ok(encoding.get_ids().to_vec())
+        encode_truncated(&self.tokenizer, &self.source, prompt, max_length)
     }
 
     /// diffusers' `tokenizer(texts, padding="max_length", max_length=max_length,

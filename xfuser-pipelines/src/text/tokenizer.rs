@@ -352,29 +352,7 @@ impl T5Tokenizer {
                 "T5Tokenizer::encode: max_length must be at least 1",
             ));
         }
-        let err = |e: tokenizers::Error| {
-            Error::invalid(format!(
-                "tokenizer {}: cannot encode {prompt:?}: {e}",
-                self.source.display()
-            ))
-        };
-        let words = self.tokenizer.encode(prompt, false).map_err(err)?;
-        // As tokenizers does with truncation on: room is kept for the tokens the
-        // post-processor appends, so that the truncated prompt still ends with `</s>`.
-        let added = self
-            .tokenizer
-            .get_post_processor()
-            .map_or(0, |p| p.added_tokens(false));
-        let params = TruncationParams {
-            max_length: max_length.saturating_sub(added),
-            ..TruncationParams::default()
-        };
-        let (words, _) = truncate_encodings(words, None, &params).map_err(err)?;
-        let encoding = self
-            .tokenizer
-            .post_process(words, None, true)
-            .map_err(err)?;
-        Ok(encoding.get_ids().to_vec())
+        encode_truncated(&self.tokenizer, &self.source, prompt, max_length)
     }
 
     /// diffusers' `tokenizer(prompts, padding="max_length", max_length=max_length,
@@ -401,4 +379,33 @@ impl T5Tokenizer {
             attention_mask: Tensor::from_vec(mask, shape, device)?,
         })
     }
+}
+
+/// The ids of `prompt` with the post-processor's special tokens, truncated to `max_length` as
+/// `tokenizer(prompt, truncation=True, max_length=n)` does: room is kept for the tokens the
+/// post-processor adds, so that a truncated prompt still ends with its end token. `source`
+/// names the tokenizer in errors.
+pub(crate) fn encode_truncated(
+    tokenizer: &Tokenizer,
+    source: &Path,
+    prompt: &str,
+    max_length: usize,
+) -> Result<Vec<u32>> {
+    let err = |e: tokenizers::Error| {
+        Error::invalid(format!(
+            "tokenizer {}: cannot encode {prompt:?}: {e}",
+            source.display()
+        ))
+    };
+    let words = tokenizer.encode(prompt, false).map_err(err)?;
+    let added = tokenizer
+        .get_post_processor()
+        .map_or(0, |p| p.added_tokens(false));
+    let params = TruncationParams {
+        max_length: max_length.saturating_sub(added),
+        ..TruncationParams::default()
+    };
+    let (words, _) = truncate_encodings(words, None, &params).map_err(err)?;
+    let encoding = tokenizer.post_process(words, None, true).map_err(err)?;
+    Ok(encoding.get_ids().to_vec())
 }
