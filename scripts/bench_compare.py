@@ -5,6 +5,11 @@ ratio rust/torch as the last line.
     cargo build --release -p xfuser-bench
     /work/pyvenv/bin/python scripts/bench_compare.py pixart-forward --rounds 3
     /work/pyvenv/bin/python scripts/bench_compare.py pipeline --rounds 3 -- --steps 20
+    /work/pyvenv/bin/python scripts/bench_compare.py sd3-forward --rounds 3
+
+`sd3-forward` compares one SD3Transformer2DModel forward at SD3-medium width (24 blocks,
+hidden 1536, 256 px, batch 2, 333 text tokens; shrink with e.g. `-- --layers 2`), as
+`pixart-forward` does PixArt's.
 
 `parallel` compares the parallel loops with the serial one instead, all in Rust: each round
 runs `xfuser-bench pipeline` and then `xfuser-bench parallel --mode M` for every mode of
@@ -61,7 +66,8 @@ def main():
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["pixart-forward", "pipeline", "gemm-floor", "parallel"])
+    p.add_argument("command",
+                   choices=["pixart-forward", "sd3-forward", "pipeline", "gemm-floor", "parallel"])
     p.add_argument("--modes", default="cfg,ulysses,ring,pipefusion",
                    help="parallel: the --mode values to compare with the serial loop")
     p.add_argument("--world", type=int, default=2, help="parallel: rank threads")

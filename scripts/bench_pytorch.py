@@ -4,11 +4,17 @@
     python scripts/bench_pytorch.py pixart-forward --resolution 256 --batch 2 --layers 28
     python scripts/bench_pytorch.py pipeline --resolution 256 --steps 20
     python scripts/bench_pytorch.py gemm-floor --resolution 256 --batch 2 --layers 28
+    python scripts/bench_pytorch.py sd3-forward --resolution 256 --batch 2 --layers 24
 
 Same config and shapes as the Rust side: full-size PixArt-α (16 heads x 72, caption 4096,
 patch 2, 4 -> 8 channels), sample_size = resolution/8 unless --sample-size, random weights,
 120 text tokens, float32, torch.set_num_threads(<cores>), inference_mode. The last line is
-`torch_seconds=<median>` (and `gflops=` before it for the forward and the GEMM floor).
+`torch_seconds=<median>` (and `gflops=` before it for the forwards and the GEMM floor).
+
+`sd3-forward` is diffusers' SD3Transformer2DModel at SD3-medium width (24 joint blocks,
+24 heads x 64, joint_attention_dim 4096, pooled 2048, patch 2, 16 channels,
+pos_embed_max_size 192, sample_size 128 unless --sample-size), 77 + 256 = 333 text tokens
+unless --text-len, as `xfuser-bench sd3-forward`.
 """
 
 import argparse
@@ -136,6 +142,106 @@ def pixart_forward(args):
     print(f"torch_seconds={med:.4f}")
 
 
+def sd3_config(args):
+    """SD3-medium (stabilityai/stable-diffusion-3-medium-diffusers) with --layers blocks."""
+    return dict(
+        sample_size=args.sample_size or 128,
+        patch_size=2,
+        in_channels=16,
+        num_layers=args.layers,
+        attention_head_dim=64,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        caption_projection_dim=1536,
+        pooled_projection_dim=2048,
+        out_channels=16,
+        pos_embed_max_size=192,
+    )
+
+
+def sd3_gemms(args):
+    """Every matrix product of an SD3 forward, as xfuser-bench's sd3::forward_gemms lists them
+    (the last, context_pre_only block: no text out projection or text feed-forward, a 2D text
+    modulation, only the image queries counted in its attention)."""
+    cfg = sd3_config(args)
+    b, layers, l = args.batch, args.layers, args.text_len
+    h, dh = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    d = h * dh
+    p = cfg["patch_size"]
+    n = (args.resolution // 8 // p) ** 2
+    last = min(layers, 1)
+    joint = layers - last
+    return [
+        ("image q,k,v,out N.D.D", 4 * layers, 1, b * n, d, d),
+        ("text q,k,v L.D.D", 3 * layers, 1, b * l, d, d),
+        ("text out L.D.D", joint, 1, b * l, d, d),
+        ("attn q.kT (N+L queries)", joint, b * h, n + l, dh, n + l),
+        ("attn p.v (N+L queries)", joint, b * h, n + l, n + l, dh),
+        ("attn q.kT last (N queries)", last, b * h, n, dh, n + l),
+        ("attn p.v last (N queries)", last, b * h, n, n + l, dh),
+        ("image ff up N.D.4D", layers, 1, b * n, d, 4 * d),
+        ("image ff down N.4D.D", layers, 1, b * n, 4 * d, d),
+        ("text ff up L.D.4D", joint, 1, b * l, d, 4 * d),
+        ("text ff down L.4D.D", joint, 1, b * l, 4 * d, d),
+        ("adaLN norm1 D.6D", layers, 1, b, d, 6 * d),
+        ("adaLN norm1_context D.6D", joint, 1, b, d, 6 * d),
+        ("adaLN norm1_context last D.2D", last, 1, b, d, 2 * d),
+        ("context_embedder", 1, 1, b * l, cfg["joint_attention_dim"], cfg["caption_projection_dim"]),
+        ("patch embed", 1, 1, b * n, cfg["in_channels"] * p * p, d),
+        ("timestep mlp", 1, 1, b, 256, d),
+        ("timestep mlp 2", 1, 1, b, d, d),
+        ("pooled text mlp", 1, 1, b, cfg["pooled_projection_dim"], d),
+        ("pooled text mlp 2", 1, 1, b, d, d),
+        ("norm_out D.2D", 1, 1, b, d, 2 * d),
+        ("proj_out", 1, 1, b * n, d, p * p * cfg["out_channels"]),
+    ]
+
+
+def sd3_forward(args):
+    """One SD3Transformer2DModel forward: random init, a new text tensor per forward (nothing
+    is cached in diffusers anyway), timestep 999."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = SD3Transformer2DModel(**sd3_config(args)).eval()
+    cfg = model.config
+    flops = flops_of(sd3_gemms(args))
+    print(f"model built in {time.perf_counter() - t0:.1f}s: {args.layers} layers, "
+          f"{args.text_len} text tokens, {flops / 1e9:.1f} GFLOP per forward", file=sys.stderr)
+    gen = torch.Generator().manual_seed(1)
+    lat = args.resolution // 8
+    b = args.batch
+    latent = uniform((b, cfg.in_channels, lat, lat), gen)
+    text = uniform((b, args.text_len, cfg.joint_attention_dim), gen)
+    pooled = uniform((b, cfg.pooled_projection_dim), gen)
+    timestep = torch.full((b,), 999.0)
+
+    def run(text):
+        return model(
+            latent,
+            encoder_hidden_states=text,
+            pooled_projections=pooled,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            run(text.clone())
+        times = []
+        for i in range(args.iters):
+            fresh = text.clone()
+            t = time.perf_counter()
+            out = run(fresh)
+            s = time.perf_counter() - t
+            print(f"forward {i}: {s:.4f}s, output {list(out.shape)}", file=sys.stderr)
+            times.append(s)
+    med = statistics.median(times)
+    print(f"gflops={flops / med / 1e9:.2f}")
+    print(f"torch_seconds={med:.4f}")
+
+
 def pipeline(args):
     """diffusers' PixArtAlphaPipeline denoising loop (CFG, DPM-Solver++), given the embeddings."""
     from diffusers import DPMSolverMultistepScheduler
@@ -228,11 +334,13 @@ def gemm_floor(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["pixart-forward", "pipeline", "gemm-floor"])
+    p.add_argument("command", choices=["pixart-forward", "sd3-forward", "pipeline", "gemm-floor"])
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--layers", type=int, default=28)
-    p.add_argument("--text-len", type=int, default=120)
+    p.add_argument("--layers", type=int, default=None,
+                   help="transformer blocks (default: 28; sd3-forward 24)")
+    p.add_argument("--text-len", type=int, default=None,
+                   help="text tokens (default: 120; sd3-forward 77 + 256 = 333)")
     p.add_argument("--sample-size", type=int, default=None)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=4.5)
@@ -243,9 +351,19 @@ def main():
     args = p.parse_args()
     if args.iters is None:
         args.iters = 1 if args.command == "pipeline" else 5
+    sd3 = args.command == "sd3-forward"
+    if args.layers is None:
+        args.layers = 24 if sd3 else 28
+    if args.text_len is None:
+        args.text_len = 333 if sd3 else 120
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}", file=sys.stderr)
-    {"pixart-forward": pixart_forward, "pipeline": pipeline, "gemm-floor": gemm_floor}[args.command](args)
+    {
+        "pixart-forward": pixart_forward,
+        "sd3-forward": sd3_forward,
+        "pipeline": pipeline,
+        "gemm-floor": gemm_floor,
+    }[args.command](args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 //! same work in torch; `scripts/bench_compare.py` runs both in turn and prints the ratio).
 //!
 //! - `pixart-forward`: one full-size PixArt-α transformer forward (random weights drawn here);
+//! - `sd3-forward`: one SD3 transformer (MMDiT) forward at SD3-medium width (module `sd3`);
 //! - `pipeline`: the denoising loop with classifier-free guidance (transformer + DPM-Solver++);
 //! - `gemm-floor`: candle's sgemm rate on the forward's matrix products and the time they need;
 //! - `parallel`: the loop on `--world` rank threads with CFG, Ulysses, Ring or PipeFusion
@@ -9,6 +10,8 @@
 //!
 //! Every timed subcommand prints `rust_seconds=<median>` and `gflops=<achieved>` as its last
 //! lines.
+
+mod sd3;
 
 use std::time::Instant;
 
@@ -49,6 +52,8 @@ struct Cli {
 enum Command {
     /// One PixArt-α transformer forward: warm-up, then the median of several.
     PixartForward(ForwardArgs),
+    /// One SD3 transformer forward at SD3-medium width: warm-up, then the median of several.
+    Sd3Forward(sd3::Sd3ForwardArgs),
     /// The 20-step denoising loop with CFG (transformer + DPM-Solver++).
     Pipeline(PipelineArgs),
     /// candle's sgemm GFLOP/s on the forward's matrix products, and their total time.
@@ -151,6 +156,8 @@ struct ParallelArgs {
 
 /// Weights drawn on request, like torch's default initialisation (uniform ±1/√fan_in for
 /// matrices, ±0.02 for vectors), from a fast deterministic generator seeded by the name.
+/// Position tables (`pos_embed`, a buffer diffusers computes) are absent, so a model computes
+/// its sin-cos table as diffusers does.
 struct RandomWeights;
 
 fn splitmix(state: &mut u64) -> u64 {
@@ -201,8 +208,8 @@ impl SimpleBackend for RandomWeights {
         candle_core::bail!("random weights have no shape for `{name}`")
     }
 
-    fn contains_tensor(&self, _name: &str) -> bool {
-        true
+    fn contains_tensor(&self, name: &str) -> bool {
+        name.rsplit('.').next() != Some("pos_embed")
     }
 }
 
@@ -383,34 +390,63 @@ fn pixart_forward(args: &ForwardArgs) -> Result<()> {
             text.copy()?
         })
     };
-    let ctx = ForwardContext::default();
     let flops = total_flops(&forward_gemms(&cfg, m));
+    let mut conditioning = || pixart_conditioning(&cfg, text_for_forward()?, m.resolution);
+    let runs = Runs {
+        warmup: args.warmup,
+        iters: args.iters,
+        parts: args.parts,
+    };
+    let times = time_forwards(&model, &latent, &timestep, &runs, &mut conditioning)?;
+    report(median(times), flops);
+    Ok(())
+}
+
+/// How a forward benchmark runs: `warmup` untimed forwards, then `iters` timed ones; with
+/// `parts`, each timed one as embed, blocks and head (one stream), each part timed.
+struct Runs {
+    warmup: usize,
+    iters: usize,
+    parts: bool,
+}
+
+/// The forward benchmarks' loop: every forward gets the conditioning `conditioning` returns.
+/// Returns the timed forwards' seconds.
+fn time_forwards(
+    model: &dyn Backbone,
+    latent: &Tensor,
+    timestep: &Tensor,
+    runs: &Runs,
+    conditioning: &mut dyn FnMut() -> Result<Conditioning>,
+) -> Result<Vec<f64>> {
+    let layers = model.info().num_layers;
+    let ctx = ForwardContext::default();
     let mut times = Vec::new();
-    for i in 0..args.warmup + args.iters {
-        let conditioning = pixart_conditioning(&cfg, text_for_forward()?, m.resolution)?;
+    for i in 0..runs.warmup + runs.iters {
+        let conditioning = conditioning()?;
         let inputs = BackboneInputs {
-            hidden_states: &latent,
-            timestep: &timestep,
+            hidden_states: latent,
+            timestep,
             conditioning: &conditioning,
         };
-        if i < args.warmup {
+        if i < runs.warmup {
             model.forward(&inputs, &ctx)?;
             continue;
         }
-        let i = i - args.warmup;
+        let i = i - runs.warmup;
         let t = Instant::now();
-        let out = if args.parts {
+        let out = if runs.parts {
             let t_embed = Instant::now();
             let state = model.embed(&inputs, &ctx)?;
             let embed = t_embed.elapsed().as_secs_f64();
             let t_blocks = Instant::now();
-            let state = model.blocks(state, 0..m.layers, &ctx)?;
+            let state = model.blocks(state, 0..layers, &ctx)?;
             let blocks = t_blocks.elapsed().as_secs_f64();
             let t_head = Instant::now();
             let out = model.head(state, &ctx)?;
             eprintln!(
                 "  parts: embed {embed:.4}s, blocks {blocks:.4}s ({:.4}s/block), head {:.4}s",
-                blocks / m.layers as f64,
+                blocks / layers as f64,
                 t_head.elapsed().as_secs_f64()
             );
             out
@@ -421,8 +457,7 @@ fn pixart_forward(args: &ForwardArgs) -> Result<()> {
         eprintln!("forward {i}: {s:.4}s, output {:?}", out.dims());
         times.push(s);
     }
-    report(median(times), flops);
-    Ok(())
+    Ok(times)
 }
 
 fn pipeline(args: &PipelineArgs, parallel: Option<&ParallelArgs>) -> Result<()> {
@@ -723,6 +758,7 @@ fn main() -> Result<()> {
     }
     match &cli.command {
         Command::PixartForward(a) => pixart_forward(a),
+        Command::Sd3Forward(a) => sd3::sd3_forward(a),
         Command::Pipeline(a) => pipeline(a, None),
         Command::GemmFloor(m) => gemm_floor(m),
         Command::Parallel(a) => parallel(a),
