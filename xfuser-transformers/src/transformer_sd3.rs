@@ -43,15 +43,17 @@ use candle_nn::{Linear, VarBuilder};
 use xfuser_core::attention::{AttentionProcessor, JointText, SerialAttention};
 use xfuser_core::backbone::{
     names, Backbone, BackboneInfo, BackboneInputs, BlockState, Conditioning, ForwardContext,
-    PipelineStage, SpContext,
+    PipelineStage,
 };
 use xfuser_core::kernels;
 use xfuser_core::registry::{LoadOptions, ModelShape, TransformerEntry};
-use xfuser_core::weights::WeightFiles;
 use xfuser_core::{Error, Result};
 use xfuser_layers::embeddings::{get_2d_sincos_pos_embed, CombinedTimestepTextProjEmbeddings};
 use xfuser_layers::feed_forward::{FeedForward, FeedForwardActivation};
 use xfuser_layers::normalization::{AdaLayerNormContinuous, RmsNorm};
+
+pub use crate::backbone_common::ConfigProblem;
+use crate::backbone_common::{self as common, ModelConfig, PatchRows, StageLayers};
 
 pub const CLASS_NAME: &str = "SD3Transformer2DModel";
 
@@ -136,13 +138,6 @@ fn default_pos_embed_max_size() -> Option<usize> {
     Some(96)
 }
 
-/// A configuration this port cannot run: the offending field and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigProblem {
-    pub field: &'static str,
-    pub message: String,
-}
-
 impl Config {
     pub fn inner_dim(&self) -> usize {
         self.num_attention_heads * self.attention_head_dim
@@ -171,28 +166,12 @@ impl Config {
                 format!("`{norm}` is not supported by {CLASS_NAME}; only null or `rms_norm`"),
             );
         }
-        if self.num_attention_heads == 0 || self.attention_head_dim == 0 {
-            return problem(
-                "num_attention_heads",
-                format!(
-                    "{} heads of dimension {}: both must be positive",
-                    self.num_attention_heads, self.attention_head_dim
-                ),
-            );
-        }
+        common::check_attention_heads(self.num_attention_heads, self.attention_head_dim)?;
         if self.num_layers == 0 {
             return problem("num_layers", "0: the model needs at least one block".into());
         }
         let inner = self.inner_dim();
-        if !inner.is_multiple_of(4) {
-            return problem(
-                "attention_head_dim",
-                format!(
-                    "hidden size {inner} (num_attention_heads × attention_head_dim) must be \
-                     divisible by 4 for the 2-D sincos positional embedding"
-                ),
-            );
-        }
+        common::check_sincos_width(inner)?;
         if self.caption_projection_dim != inner {
             return problem(
                 "caption_projection_dim",
@@ -203,24 +182,14 @@ impl Config {
                 ),
             );
         }
-        if self.patch_size == 0 || self.sample_size < self.patch_size {
-            return problem(
-                "patch_size",
-                format!(
-                    "{} must be positive and at most sample_size ({})",
-                    self.patch_size, self.sample_size
-                ),
-            );
-        }
+        common::check_patch_size(self.patch_size, self.sample_size)?;
         if self.pos_embed_max_size == Some(0) {
             return problem(
                 "pos_embed_max_size",
                 "0: the position table needs at least one patch (or null for none)".into(),
             );
         }
-        if self.in_channels == 0 || self.out_channels() == 0 {
-            return problem("in_channels", "channel counts must be positive".into());
-        }
+        common::check_channels(self.in_channels, self.out_channels())?;
         if self.joint_attention_dim == 0 || self.pooled_projection_dim == 0 {
             return problem(
                 "joint_attention_dim",
@@ -228,6 +197,19 @@ impl Config {
             );
         }
         Ok(())
+    }
+}
+
+impl ModelConfig for Config {
+    fn check(&self) -> std::result::Result<(), ConfigProblem> {
+        self.validate()
+    }
+
+    fn shape(&self) -> ModelShape {
+        ModelShape {
+            num_attention_heads: self.num_attention_heads,
+            num_layers: self.num_layers,
+        }
     }
 }
 
@@ -315,7 +297,9 @@ impl PatchEmbed {
         *cache = Some((grid, pos.clone()));
         Ok(pos)
     }
+}
 
+impl PatchRows for PatchEmbed {
     /// The tokens of the patch rows `rows` of a (B, C, H, W) latent, with their rows of the
     /// latent's position embedding: (B, rows.len()·(W/p), D).
     fn forward_rows(&self, latent: &Tensor, rows: Range<usize>) -> Result<Tensor> {
@@ -346,6 +330,11 @@ impl PatchEmbed {
             .broadcast_add(&pos.to_dtype(DType::F32)?)?
             .to_dtype(dtype)?)
     }
+
+    /// The grid must fit in the position table.
+    fn check_grid(&self, grid: (usize, usize), device: &Device) -> Result<()> {
+        self.pos_embed(grid, device).map(|_| ())
+    }
 }
 
 /// The q, k, v projections of one token stream, fused into one matrix product, with their
@@ -369,22 +358,16 @@ impl QkvProjection {
         names: [&str; 5],
         vb: &VarBuilder,
     ) -> candle_core::Result<Self> {
-        let linears = names[..3]
-            .iter()
-            .map(|n| candle_nn::linear(dim, inner, vb.pp(n)))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let weight = Tensor::cat(&linears.iter().map(|l| l.weight()).collect::<Vec<_>>(), 0)?;
-        let bias = match linears.iter().map(|l| l.bias()).collect::<Option<Vec<_>>>() {
-            Some(bs) => Some(Tensor::cat(&bs, 0)?),
-            None => None,
-        };
+        let proj = |name: &str| candle_nn::linear(dim, inner, vb.pp(name));
+        let (weight, bias) =
+            common::fuse_linears(&[&proj(names[0])?, &proj(names[1])?, &proj(names[2])?])?;
         let norm = |name: &str| -> candle_core::Result<Option<RmsNorm>> {
             qk_norm
                 .then(|| RmsNorm::new(head_dim, NORM_EPS, true, vb.pp(name)))
                 .transpose()
         };
         Ok(Self {
-            weight: kernels::gemm_friendly_weight(&weight)?,
+            weight,
             bias,
             norm_q: norm(names[3])?,
             norm_k: norm(names[4])?,
@@ -765,19 +748,14 @@ impl SD3Transformer2DModel {
         vb: VarBuilder,
         stage: Option<&PipelineStage>,
     ) -> candle_core::Result<Self> {
-        cfg.validate().map_err(|p| {
-            candle_core::Error::Msg(format!("config field `{}`: {}", p.field, p.message))
-        })?;
+        let StageLayers {
+            layers,
+            first,
+            last,
+        } = common::stage_layers(cfg, stage)?;
         let dim = cfg.inner_dim();
         let p = cfg.patch_size;
         let out_channels = cfg.out_channels();
-        let layers = match stage {
-            Some(s) => s
-                .layers(cfg.num_layers)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
-            None => 0..cfg.num_layers,
-        };
-        let (first, last) = stage.map_or((true, true), |s| (s.is_first(), s.is_last()));
         let pos_embed = first
             .then(|| PatchEmbed::new(cfg, vb.pp("pos_embed")))
             .transpose()?;
@@ -842,22 +820,8 @@ impl SD3Transformer2DModel {
     /// Reads `dir/config.json` and the weights in `dir` (only a stage's, with
     /// `options.stage`); errors name the file, and the field or tensor at fault.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        let file = dir.join("config.json");
-        let config: Config = xfuser_core::config::read_json_config(&file)?;
-        config.validate().map_err(|p| Error::Config {
-            file: file.clone(),
-            field: p.field.to_string(),
-            message: p.message,
-        })?;
-        if let Some(stage) = &options.stage {
-            // A stage that does not fit the model is a configuration error, not the weights'.
-            stage.layers(config.num_layers)?;
-        }
-        let weights = WeightFiles::find(dir, "diffusion_pytorch_model")?;
-        let (vb, loaded) = weights.counting_var_builder(options.dtype, &options.device)?;
-        let mut model =
-            Self::new_stage(&config, vb, options.stage.as_ref()).map_err(|e| weights.error(e))?;
-        model.parameter_bytes = Some(loaded.get());
+        let (mut model, bytes) = common::load_stage(dir, options, Self::new_stage)?;
+        model.parameter_bytes = Some(bytes);
         Ok(model)
     }
 
@@ -869,26 +833,10 @@ impl SD3Transformer2DModel {
         self.dtype
     }
 
-    /// The timesteps as (B,): a single value is repeated over the batch.
-    fn batch_timesteps(&self, timestep: &Tensor, batch: usize) -> Result<Tensor> {
-        let t = timestep.flatten_all()?;
-        match t.dim(0)? {
-            n if n == batch => Ok(t),
-            1 => Ok(t.broadcast_as(batch)?.contiguous()?),
-            n => Err(Error::invalid(format!(
-                "timestep has {n} values for a batch of {batch}"
-            ))),
-        }
-    }
-
     fn patch_embedding(&self) -> Result<&PatchEmbed> {
-        self.pos_embed.as_ref().ok_or_else(|| {
-            Error::invalid(format!(
-                "this PipeFusion stage of {CLASS_NAME} (blocks {:?}) holds no patch embedding: \
-                 only the first stage embeds the image",
-                self.layers
-            ))
-        })
+        self.pos_embed
+            .as_ref()
+            .ok_or_else(|| common::no_patch_embedding(CLASS_NAME, &self.layers))
     }
 
     /// `context_embedder` of the (B, L, joint_attention_dim) text, from the cache when this
@@ -920,7 +868,7 @@ impl SD3Transformer2DModel {
         grid: (usize, usize),
     ) -> Result<BlockState> {
         let batch = inputs.hidden_states.dim(0)?;
-        let timestep = self.batch_timesteps(inputs.timestep, batch)?;
+        let timestep = common::batch_timesteps(inputs.timestep, batch)?;
         let cond = inputs.conditioning;
 
         let pooled = cond.require(names::POOLED_PROJECTIONS, CLASS_NAME)?;
@@ -957,56 +905,6 @@ impl SD3Transformer2DModel {
             grid,
         })
     }
-
-    /// Checks the latent's shape: (B, in_channels, H, W) with H and W multiples of p.
-    fn check_latent(&self, latent: &Tensor) -> Result<(usize, usize)> {
-        let (_, channels, height, width) = latent.dims4()?;
-        let p = self.config.patch_size;
-        if channels != self.config.in_channels
-            || !height.is_multiple_of(p)
-            || !width.is_multiple_of(p)
-        {
-            return Err(Error::invalid(format!(
-                "hidden_states {:?}: expected (B, {}, H, W) with H and W multiples of {p}",
-                latent.dims(),
-                self.config.in_channels
-            )));
-        }
-        Ok((height / p, width / p))
-    }
-
-    /// This sp rank's tokens of the (B, C, H, W) latent: its token rows of the patch grid,
-    /// then zero padding up to `sp.padded_len()`: (B, padded_len, D). The split is normally
-    /// of the whole grid (`InputMetadata::full`); a split of some of its rows (a PipeFusion
-    /// patch) makes the forward return those rows only.
-    fn embed_sp_slice(&self, latent: &Tensor, sp: &SpContext) -> Result<Tensor> {
-        let (batch, _, height, width) = latent.dims4()?;
-        let p = self.config.patch_size;
-        let (grid_rows, cols) = (height / p, width / p);
-        let patch = sp.patch();
-        if patch.token_rows.end > grid_rows || patch.tokens.len != patch.token_rows.len() * cols {
-            return Err(Error::invalid(format!(
-                "the sp split covers token rows {:?} ({} tokens) but the latent {:?} has a \
-                 {grid_rows}x{cols} patch grid: compute the runtime state for this input shape",
-                patch.token_rows,
-                patch.tokens.len,
-                latent.dims()
-            )));
-        }
-        let embed = self.patch_embedding()?;
-        // Checks the grid against the position table even on a rank without tokens.
-        embed.pos_embed((grid_rows, cols), latent.device())?;
-        let slice = sp.slice();
-        if slice.token_rows.is_empty() {
-            return Ok(Tensor::zeros(
-                (batch, slice.padded_len, self.config.inner_dim()),
-                self.dtype,
-                latent.device(),
-            )?);
-        }
-        let tokens = embed.forward_rows(latent, slice.token_rows.clone())?;
-        Ok(tokens.pad_with_zeros(1, 0, slice.padding())?)
-    }
 }
 
 impl Backbone for SD3Transformer2DModel {
@@ -1015,21 +913,13 @@ impl Backbone for SD3Transformer2DModel {
     }
 
     fn embed(&self, inputs: &BackboneInputs, ctx: &ForwardContext) -> Result<BlockState> {
-        if let Some(sp) = &ctx.sp {
-            sp.check_heads(self.info.num_attention_heads)?;
-        }
-        let (rows, cols) = self.check_latent(inputs.hidden_states)?;
-        let latent = inputs.hidden_states.to_dtype(self.dtype)?;
-        let (hidden, grid) = match &ctx.sp {
-            None => (
-                self.patch_embedding()?.forward_rows(&latent, 0..rows)?,
-                (rows, cols),
-            ),
-            Some(sp) => (
-                self.embed_sp_slice(&latent, sp)?,
-                (sp.patch().token_rows.len(), cols),
-            ),
-        };
+        let (hidden, grid) = common::embed_image(
+            self.patch_embedding(),
+            inputs.hidden_states,
+            ctx,
+            &self.info,
+            self.dtype,
+        )?;
         self.conditioned_state(inputs, hidden, grid)
     }
 
@@ -1038,22 +928,9 @@ impl Backbone for SD3Transformer2DModel {
         inputs: &BackboneInputs,
         ctx: &ForwardContext,
     ) -> Result<BlockState> {
-        if let Some(sp) = &ctx.sp {
-            sp.check_heads(self.info.num_attention_heads)?;
-        }
-        let (batch, _, height, width) = inputs.hidden_states.dims4()?;
-        let p = self.config.patch_size;
-        let rows = ctx
-            .sp
-            .as_ref()
-            .map_or(height / p, |sp| sp.patch().token_rows.len());
-        // (B, 0, D): the image tokens come from the previous stage.
-        let hidden = Tensor::zeros(
-            (batch, 0, self.config.inner_dim()),
-            self.dtype,
-            inputs.hidden_states.device(),
-        )?;
-        self.conditioned_state(inputs, hidden, (rows, width / p))
+        let (hidden, grid) =
+            common::no_image_tokens(inputs.hidden_states, ctx, &self.info, self.dtype)?;
+        self.conditioned_state(inputs, hidden, grid)
     }
 
     fn held_layers(&self) -> Range<usize> {
@@ -1070,35 +947,16 @@ impl Backbone for SD3Transformer2DModel {
         layers: Range<usize>,
         ctx: &ForwardContext,
     ) -> Result<BlockState> {
-        let held = &self.layers;
-        let blocks = (layers.start >= held.start && layers.end <= held.end)
-            .then(|| {
-                self.transformer_blocks
-                    .get(layers.start - held.start..layers.end - held.start)
-            })
-            .flatten()
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "blocks {layers:?} are not held here: this {} holds blocks {held:?} of {}",
-                    if held.len() == self.info.num_layers {
-                        "model"
-                    } else {
-                        "PipeFusion stage"
-                    },
-                    self.info.num_layers
-                ))
-            })?;
+        let blocks = common::held_blocks(
+            &self.transformer_blocks,
+            &layers,
+            &self.layers,
+            self.info.num_layers,
+        )?;
         if blocks.is_empty() {
             return Ok(state);
         }
-        if ctx.sp.as_ref().is_some_and(|sp| sp.sp_group().size() > 1) && ctx.attention.is_none() {
-            return Err(Error::invalid(
-                "a sequence-parallel forward needs a parallel attention processor; build the \
-                 context with ForwardContext::sequence_parallel",
-            ));
-        }
-        let serial = SerialAttention;
-        let processor: &dyn AttentionProcessor = ctx.attention.as_deref().unwrap_or(&serial);
+        let processor = common::block_processor(ctx)?;
         let temb = state.conditioning(TEMB)?.clone();
         let temb_silu = temb.silu()?;
         let num_layers = self.info.num_layers;
@@ -1126,81 +984,31 @@ impl Backbone for SD3Transformer2DModel {
     }
 
     fn head(&self, state: BlockState, ctx: &ForwardContext) -> Result<Tensor> {
-        let (_, tokens, _) = state.hidden.dims3()?;
-        let (rows, cols) = state.grid;
-        let expected = ctx.sp.as_ref().map_or(rows * cols, |sp| sp.padded_len());
-        if tokens != expected {
-            return Err(Error::invalid(format!(
-                "head: {tokens} tokens where {expected} were expected for a {rows}x{cols} patch \
-                 grid{}",
-                if ctx.sp.is_some() {
-                    " split over the sp ranks"
-                } else {
-                    ""
-                }
-            )));
-        }
-        let (norm_out, proj_out) = self.final_layer.as_ref().ok_or_else(|| {
-            Error::invalid(format!(
-                "this PipeFusion stage of {CLASS_NAME} (blocks {:?}) holds no final layer: only \
-                 the last stage runs the head",
-                self.layers
-            ))
-        })?;
+        common::check_head_tokens(&state, ctx)?;
+        let (norm_out, proj_out) = self
+            .final_layer
+            .as_ref()
+            .ok_or_else(|| common::no_final_layer(CLASS_NAME, &self.layers))?;
         let hidden = norm_out.forward(&state.hidden, state.conditioning(TEMB)?)?;
         let hidden = kernels::matmul_t(&hidden, proj_out.weight())?;
         let hidden = match proj_out.bias() {
             Some(b) => hidden.broadcast_add(b)?,
             None => hidden,
         };
-        // Gathering after the projection moves p²·C_out values per token instead of D.
-        let hidden = match &ctx.sp {
-            None => hidden,
-            // (B, P, p²C) -> (B, S·P, p²C), real tokens first -> (B, rows·cols, p²C)
-            Some(sp) => {
-                sp.sp_group()
-                    .all_gather(&hidden.contiguous()?, 1)?
-                    .narrow(1, 0, sp.num_tokens())?
-            }
-        };
-        Ok(unpatchify(
-            &hidden,
-            state.grid,
-            self.config.patch_size,
-            self.info.out_channels,
-        )?)
+        common::gather_and_unpatchify(hidden, state.grid, ctx, &self.info)
     }
-}
-
-/// (B, rows·cols, p·p·C) -> (B, C, rows·p, cols·p): each token's values are laid out
-/// (p row, p column, channel), diffusers' einsum `nhwpqc->nchpwq`.
-fn unpatchify(
-    xs: &Tensor,
-    grid: (usize, usize),
-    p: usize,
-    channels: usize,
-) -> candle_core::Result<Tensor> {
-    let b = xs.dim(0)?;
-    let (rows, cols) = grid;
-    xs.reshape((b, rows, cols, p, p, channels))?
-        .permute((0, 5, 1, 3, 2, 4))?
-        .reshape((b, channels, rows * p, cols * p))
 }
 
 fn load_backbone(dir: &Path, options: &LoadOptions) -> Result<Box<dyn Backbone>> {
     Ok(Box::new(SD3Transformer2DModel::load(dir, options)?))
 }
 
-fn config_shape(config: &serde_json::Value, file: &Path) -> Result<ModelShape> {
-    let cfg: Config = xfuser_core::config::json_value_config(config, file)?;
-    Ok(ModelShape {
-        num_attention_heads: cfg.num_attention_heads,
-        num_layers: cfg.num_layers,
-    })
-}
-
 xfuser_core::inventory::submit! {
-    TransformerEntry { class_name: CLASS_NAME, load: load_backbone, shape: config_shape }
+    TransformerEntry {
+        class_name: CLASS_NAME,
+        load: load_backbone,
+        shape: common::config_shape::<Config>,
+    }
 }
 
 #[cfg(test)]
@@ -1258,35 +1066,6 @@ mod tests {
             let p = parse(json).validate().unwrap_err();
             assert_eq!(p.field, field, "{json}");
             assert!(p.message.contains(value), "{json}: {}", p.message);
-        }
-    }
-
-    #[test]
-    fn unpatchify_inverts_patchify_layout() {
-        // Each token's (p, q, channel) entry holds the value expected at its output pixel.
-        let (rows, cols, p, ch) = (2, 3, 2, 2);
-        let mut data = Vec::new();
-        for r in 0..rows {
-            for c in 0..cols {
-                for pi in 0..p {
-                    for qi in 0..p {
-                        for k in 0..ch {
-                            let (y, x) = (r * p + pi, c * p + qi);
-                            data.push((k * 10000 + y * 100 + x) as f32);
-                        }
-                    }
-                }
-            }
-        }
-        let xs = Tensor::from_vec(data, (1, rows * cols, p * p * ch), &Device::Cpu).unwrap();
-        let img = unpatchify(&xs, (rows, cols), p, ch).unwrap();
-        let img: Vec<Vec<Vec<f32>>> = img.squeeze(0).unwrap().to_vec3().unwrap();
-        for (k, plane) in img.iter().enumerate() {
-            for (y, row) in plane.iter().enumerate() {
-                for (x, v) in row.iter().enumerate() {
-                    assert_eq!(*v, (k * 10000 + y * 100 + x) as f32);
-                }
-            }
         }
     }
 }

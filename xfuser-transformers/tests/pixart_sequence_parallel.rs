@@ -2,73 +2,29 @@
 //! backend: every rank's output equals the serial forward, the traffic equals the cost model,
 //! and impossible degrees fail before any work.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use candle_core::Tensor;
-use xfuser_core::backbone::{Backbone, BackboneInputs, ForwardContext, SpContext};
-use xfuser_core::distributed::runtime_state::input_metadata;
-use xfuser_core::distributed::{
-    launch_local, CommCounts, CommOp, InputMetadata, LaunchOptions, RankMesh, ShapeParams,
-};
-use xfuser_core::engine::ParallelConfig;
-use xfuser_core::registry::{self, Kind, LoadOptions};
-use xfuser_core::testing::{fixtures_dir, load_goldens, max_abs_diff, rel_l2, ForwardCase};
+use common::{mesh, on_sp_ranks, pixart_dir, sp_metadata, PIXART_CONDITIONING};
+use xfuser_core::backbone::Backbone;
+use xfuser_core::distributed::{CommCounts, CommOp, LaunchOptions};
+use xfuser_core::registry::{self, Kind};
+use xfuser_core::testing::ForwardCase;
 // Links the crate so that its registry entries (the backbone, and through xfuser-layers the
 // attention processors) are collected.
 use xfuser_transformers::pixart_transformer_2d::CLASS_NAME;
 
-fn model_dir(model: &str) -> PathBuf {
-    fixtures_dir().join("transformer").join(model)
-}
-
 fn load(model: &str) -> Box<dyn Backbone> {
-    registry::load_transformer(&model_dir(model), &LoadOptions::default()).unwrap()
+    common::load(&pixart_dir(model))
 }
 
 /// The inputs of a fixture case; `latent_rows` crops the latent (to make a token-row count
 /// that the sp degree does not divide).
 fn case_inputs(model: &str, case: &str, latent_rows: Option<usize>) -> ForwardCase {
-    let path = model_dir(model).join(format!("io_{case}.safetensors"));
-    let mut io = load_goldens(&path).unwrap();
-    if let Some(rows) = latent_rows {
-        let cropped = io["hidden_states"].narrow(2, 0, rows).unwrap();
-        io.insert("hidden_states".into(), cropped);
-    }
-    ForwardCase::new(io, &CONDITIONING)
-}
-
-/// The conditioning a PixArt forward reads.
-const CONDITIONING: [&str; 4] = [
-    "encoder_hidden_states",
-    "encoder_attention_mask",
-    "resolution",
-    "aspect_ratio",
-];
-
-fn inputs(io: &ForwardCase) -> BackboneInputs<'_> {
-    io.inputs()
-}
-
-fn mesh(ulysses: usize, ring: usize) -> RankMesh {
-    RankMesh::new(&ParallelConfig {
-        ulysses_degree: ulysses,
-        ring_degree: ring,
-        ..Default::default()
-    })
-    .unwrap()
-}
-
-/// The split of the latent over `sp` ranks, as the runtime state computes it.
-fn metadata(model: &dyn Backbone, latent: &Tensor, sp: usize) -> InputMetadata {
-    let (batch, _, h, w) = latent.dims4().unwrap();
-    let params = ShapeParams {
-        sp_degree: sp,
-        num_pipeline_patch: 1,
-        patch_size: model.info().patch_size,
-        vae_scale_factor: 8,
-    };
-    input_metadata(h * 8, w * 8, batch, 1, &params).unwrap()
+    let file = pixart_dir(model).join(format!("io_{case}.safetensors"));
+    common::forward_case(&file, &PIXART_CONDITIONING, latent_rows)
 }
 
 /// Bytes one rank sends per forward, from the shapes (see xfuser_layers::attention_processor):
@@ -93,12 +49,6 @@ fn expected_bytes(
     (ulysses, ring)
 }
 
-struct RankResult {
-    out: Tensor,
-    ulysses: BTreeMap<CommOp, CommCounts>,
-    ring: BTreeMap<CommOp, CommCounts>,
-}
-
 /// Runs the sp forward with `processor` on every rank of a U×R mesh and checks it against the
 /// serial forward and the cost model.
 fn check_sp_forward(
@@ -111,51 +61,38 @@ fn check_sp_forward(
 ) {
     let model = load(model_name);
     let io = case_inputs(model_name, case, latent_rows);
-    let inputs = inputs(&io);
-    let serial = model.forward(&inputs, &ForwardContext::default()).unwrap();
-    let meta = metadata(model.as_ref(), inputs.hidden_states, u * r);
-    let padded = meta.full.slices.iter().any(|s| s.padding() > 0);
-    assert_eq!(padded, expect_padding, "padding of {:?}", meta.full.slices);
-
-    let results = launch_local(&mesh(u, r), &LaunchOptions::default(), |ctx| {
-        let sp = SpContext::from_rank(&ctx, meta.full.clone())?;
-        let fctx = ForwardContext::sequence_parallel(processor, sp)?;
-        let out = model.forward(&inputs, &fctx)?;
-        Ok(RankResult {
-            out,
-            ulysses: ctx.ulysses_group().comm_stats(),
-            ring: ctx.ring_group().comm_stats(),
-        })
-    })
-    .unwrap();
-
+    let inputs = io.inputs();
     let latent = inputs.hidden_states.dims();
     let label = format!("{model_name}/{case} {latent:?} u{u}×r{r} {processor}");
-    let batch = inputs.hidden_states.dim(0).unwrap();
-    let padded_len = meta.full.slices[0].padded_len;
+    let sp = common::sp_forward(
+        model.as_ref(),
+        &inputs,
+        (u, r),
+        processor,
+        expect_padding,
+        &label,
+        |ctx| {
+            (
+                ctx.ulysses_group().comm_stats(),
+                ctx.ring_group().comm_stats(),
+            )
+        },
+    );
+
+    let batch = latent[0];
+    let padded_len = sp.meta.full.slices[0].padded_len;
     let (ulysses_bytes, ring_bytes) = expected_bytes(model.as_ref(), batch, padded_len, u, r);
     let layers = model.info().num_layers as u64;
-    let mut errors = Vec::new();
-    for (rank, res) in results.iter().enumerate() {
-        let err = rel_l2(&res.out, &serial).unwrap();
-        errors.push(err);
-        assert!(err <= 1e-5, "{label}: rank {rank} rel L2 {err:.3e} > 1e-5");
-        // Every rank gathers the same bits.
-        assert_eq!(max_abs_diff(&res.out, &results[0].out).unwrap(), 0.0);
-
-        let a2a = res
-            .ulysses
-            .get(&CommOp::AllToAll)
-            .copied()
-            .unwrap_or_default();
+    for (rank, (_, (ulysses, ring))) in sp.ranks.iter().enumerate() {
+        let a2a = ulysses.get(&CommOp::AllToAll).copied().unwrap_or_default();
         assert_eq!(
             a2a.bytes_sent, ulysses_bytes,
             "{label}: rank {rank} all_to_all"
         );
         assert_eq!(a2a.bytes_received, ulysses_bytes, "{label}: rank {rank}");
         assert_eq!(a2a.calls, if u > 1 { 4 * layers } else { 0 }, "{label}");
-        let send = res.ring.get(&CommOp::Send).copied().unwrap_or_default();
-        let recv = res.ring.get(&CommOp::Recv).copied().unwrap_or_default();
+        let send = ring.get(&CommOp::Send).copied().unwrap_or_default();
+        let recv = ring.get(&CommOp::Recv).copied().unwrap_or_default();
         assert_eq!(
             send.bytes_sent, ring_bytes,
             "{label}: rank {rank} ring sends"
@@ -173,13 +110,13 @@ fn check_sp_forward(
                 .map(|(_, c)| c.bytes_sent)
                 .sum::<u64>()
         };
-        assert_eq!(other(&res.ulysses, CommOp::AllToAll), 0, "{label}");
-        assert_eq!(other(&res.ring, CommOp::Send), 0, "{label}");
+        assert_eq!(other(ulysses, CommOp::AllToAll), 0, "{label}");
+        assert_eq!(other(ring, CommOp::Send), 0, "{label}");
     }
-    let worst = errors.iter().cloned().fold(0.0, f64::max);
     println!(
-        "{label}: padded len {padded_len} (padding: {padded}), max rel L2 {worst:.3e}, per rank \
-         ulysses all_to_all {ulysses_bytes} B, ring send {ring_bytes} B"
+        "{label}: padded len {padded_len} (padding: {expect_padding}), max rel L2 {:.3e}, per \
+         rank ulysses all_to_all {ulysses_bytes} B, ring send {ring_bytes} B",
+        sp.worst
     );
 }
 
@@ -217,53 +154,21 @@ sp_parity! {
 #[test]
 fn ulysses_degree_not_dividing_heads_fails_before_any_work() {
     // alpha has 2 heads.
-    let model = load("alpha");
     let io = case_inputs("alpha", "square", None);
-    let inputs = inputs(&io);
-    let meta = metadata(model.as_ref(), inputs.hidden_states, 4);
-    let options = LaunchOptions::default();
-    let err = launch_local(&mesh(4, 1), &options, |ctx| {
-        let sp = SpContext::from_rank(&ctx, meta.full.clone())?;
-        let fctx = ForwardContext::sequence_parallel("ulysses", sp)?;
-        model.forward(&inputs, &fctx)
-    })
-    .expect_err("ulysses 4 cannot split 2 heads")
-    .to_string();
-    assert!(
-        err.contains("--ulysses-degree 4 does not divide the 2 attention heads"),
-        "{err}"
-    );
-    assert!(
-        options.stats.snapshot().is_empty(),
-        "no communication may happen: {:?}",
-        options.stats.snapshot()
-    );
+    common::assert_ulysses_degree_refused(load("alpha").as_ref(), &io.inputs());
 }
 
 #[test]
 fn sp_context_without_parallel_processor_is_refused() {
-    let model = load("sigma");
     let io = case_inputs("sigma", "batch_mask", None);
-    let inputs = inputs(&io);
-    let meta = metadata(model.as_ref(), inputs.hidden_states, 2);
-    let err = launch_local(&mesh(2, 1), &LaunchOptions::default(), |ctx| {
-        let fctx = ForwardContext {
-            attention: None,
-            sp: Some(SpContext::from_rank(&ctx, meta.full.clone())?),
-        };
-        model.forward(&inputs, &fctx)
-    })
-    .err()
-    .unwrap()
-    .to_string();
-    assert!(err.contains("parallel attention processor"), "{err}");
+    common::assert_sp_without_processor_refused(load("sigma").as_ref(), &io.inputs());
 }
 
 #[test]
 fn sp_split_of_another_shape_is_refused() {
     let model = load("sigma");
     let io = case_inputs("sigma", "nonsquare", None);
-    let inputs = inputs(&io);
+    let inputs = io.inputs();
     // nonsquare is 12×8: a split computed for a 12×12 latent does not fit.
     let other = Tensor::zeros(
         (1, 4, 12, 12),
@@ -271,11 +176,15 @@ fn sp_split_of_another_shape_is_refused() {
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    let meta = metadata(model.as_ref(), &other, 2);
-    let err = launch_local(&mesh(2, 1), &LaunchOptions::default(), |ctx| {
-        let sp = SpContext::from_rank(&ctx, meta.full.clone())?;
-        model.forward(&inputs, &ForwardContext::sequence_parallel("ulysses", sp)?)
-    })
+    let mesh = mesh(2, 1);
+    let meta = sp_metadata(model.as_ref(), &mesh, &other);
+    let err = on_sp_ranks(
+        &mesh,
+        &LaunchOptions::default(),
+        &meta,
+        Some("ulysses"),
+        |_, fctx| model.forward(&inputs, fctx),
+    )
     .err()
     .unwrap()
     .to_string();

@@ -2,41 +2,26 @@
 //! tiny random-weight models saved by diffusers with its outputs on fixed inputs
 //! (scripts/fixtures/transformer.py).
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::Tensor;
+use common::{pixart_dir, TempModel, PIXART_CONDITIONING};
 use xfuser_core::attention::{AttentionProcessor, SerialAttention};
 use xfuser_core::backbone::{forward_in_two_streams, Backbone, BackboneInputs, ForwardContext};
-use xfuser_core::registry::{self, Kind, LoadOptions};
-use xfuser_core::testing::{fixtures_dir, load_goldens, max_abs_diff, rel_l2, ForwardCase};
+use xfuser_core::registry::{self, Kind};
+use xfuser_core::testing::{max_abs_diff, rel_l2, ForwardCase};
 use xfuser_transformers::pixart_transformer_2d::CLASS_NAME;
 
-fn model_dir(model: &str) -> PathBuf {
-    fixtures_dir().join("transformer").join(model)
-}
-
 fn load(model: &str) -> Box<dyn Backbone> {
-    registry::load_transformer(&model_dir(model), &LoadOptions::default()).unwrap()
+    common::load(&pixart_dir(model))
 }
 
 fn goldens(model: &str, case: &str) -> ForwardCase {
-    let path = model_dir(model).join(format!("io_{case}.safetensors"));
-    ForwardCase::new(load_goldens(&path).unwrap(), &CONDITIONING)
-}
-
-/// The conditioning a PixArt forward reads.
-const CONDITIONING: [&str; 4] = [
-    "encoder_hidden_states",
-    "encoder_attention_mask",
-    "resolution",
-    "aspect_ratio",
-];
-
-fn inputs(io: &ForwardCase) -> BackboneInputs<'_> {
-    io.inputs()
+    let file = pixart_dir(model).join(format!("io_{case}.safetensors"));
+    common::forward_case(&file, &PIXART_CONDITIONING, None)
 }
 
 /// One test per (model folder, input case): the forward matches diffusers in f32.
@@ -46,7 +31,7 @@ macro_rules! parity {
         fn $name() {
             let model = load($model);
             let io = goldens($model, $case);
-            let out = model.forward(&inputs(&io), &ForwardContext::default()).unwrap();
+            let out = model.forward(&io.inputs(), &ForwardContext::default()).unwrap();
             let err = rel_l2(&out, &io["output"]).unwrap();
             println!("{}/{}: rel L2 {err:.3e}", $model, $case);
             assert!(err <= 1e-5, "{}/{}: rel L2 {err:.3e} > 1e-5", $model, $case);
@@ -65,22 +50,12 @@ parity! {
 #[test]
 fn split_forward_equals_whole() {
     for (model_name, case) in [("alpha", "nonsquare_mask"), ("sigma", "batch_mask")] {
-        let model = load(model_name);
         let io = goldens(model_name, case);
-        let (inputs, ctx) = (inputs(&io), ForwardContext::default());
-        let whole = model.forward_one_stream(&inputs, &ctx).unwrap();
-        let n = model.info().num_layers;
-        for k in 0..=n {
-            let state = model.embed(&inputs, &ctx).unwrap();
-            let state = model.blocks(state, 0..k, &ctx).unwrap();
-            let state = model.blocks(state, k..n, &ctx).unwrap();
-            let split = model.head(state, &ctx).unwrap();
-            assert_eq!(
-                max_abs_diff(&split, &whole).unwrap(),
-                0.0,
-                "{model_name}: split at {k}"
-            );
-        }
+        common::assert_split_forward_equals_whole(
+            load(model_name).as_ref(),
+            &io.inputs(),
+            model_name,
+        );
     }
 }
 
@@ -98,7 +73,7 @@ fn batch_streams_equal_one_stream() {
     for (model_name, case) in [("alpha", "nonsquare_mask"), ("sigma", "batch_mask")] {
         let model = load(model_name);
         let io = goldens(model_name, case);
-        let (inputs, ctx) = (inputs(&io), ForwardContext::default());
+        let (inputs, ctx) = (io.inputs(), ForwardContext::default());
         assert_eq!(inputs.hidden_states.dim(0).unwrap(), 2, "a batch of 2");
         let streams = |threads| {
             on_threads(threads, &|| {
@@ -165,9 +140,9 @@ fn self_attention_goes_through_the_context_processor() {
         attention: Some(counting.clone()),
         ..ForwardContext::default()
     };
-    let out = model.forward(&inputs(&io), &ctx).unwrap();
+    let out = model.forward(&io.inputs(), &ctx).unwrap();
     let serial = model
-        .forward(&inputs(&io), &ForwardContext::default())
+        .forward(&io.inputs(), &ForwardContext::default())
         .unwrap();
     assert_eq!(max_abs_diff(&out, &serial).unwrap(), 0.0);
     assert_eq!(counting.calls.load(Ordering::SeqCst), 2);
@@ -208,7 +183,7 @@ fn wrong_input_shapes_are_reported() {
         .forward(
             &BackboneInputs {
                 hidden_states: &odd,
-                ..inputs(&io)
+                ..io.inputs()
             },
             &ForwardContext::default(),
         )
@@ -217,64 +192,12 @@ fn wrong_input_shapes_are_reported() {
     assert!(err.contains("multiples of 2"), "{err}");
     let alpha = load("alpha");
     let io = goldens("alpha", "square");
-    let without_resolution = ForwardCase::new(io.tensors.clone(), &CONDITIONING[..2]);
+    let without_resolution = ForwardCase::new(io.tensors.clone(), &PIXART_CONDITIONING[..2]);
     let err = alpha
         .forward(&without_resolution.inputs(), &ForwardContext::default())
         .unwrap_err()
         .to_string();
     assert!(err.contains("resolution and aspect_ratio"), "{err}");
-}
-
-/// A copy of a fixture model folder in the temp dir, removed on drop.
-struct TempModel {
-    dir: PathBuf,
-}
-
-impl TempModel {
-    fn new(model: &str, tag: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("xfuser-pixart-test-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        for name in ["config.json", "diffusion_pytorch_model.safetensors"] {
-            std::fs::copy(model_dir(model).join(name), dir.join(name)).unwrap();
-        }
-        Self { dir }
-    }
-
-    fn config_path(&self) -> PathBuf {
-        self.dir.join("config.json")
-    }
-
-    fn weights_path(&self) -> PathBuf {
-        self.dir.join("diffusion_pytorch_model.safetensors")
-    }
-
-    fn edit_config(&self, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
-        let text = std::fs::read_to_string(self.config_path()).unwrap();
-        let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
-        edit(value.as_object_mut().unwrap());
-        std::fs::write(self.config_path(), value.to_string()).unwrap();
-    }
-
-    fn edit_weights(&self, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
-        let mut tensors = load_goldens(&self.weights_path()).unwrap();
-        edit(&mut tensors);
-        candle_core::safetensors::save(&tensors, self.weights_path()).unwrap();
-    }
-
-    fn load_error(&self) -> String {
-        match registry::load_transformer(&self.dir, &LoadOptions::default()) {
-            Ok(_) => panic!("loading {} should fail", self.dir.display()),
-            Err(e) => e.to_string(),
-        }
-    }
-}
-
-impl Drop for TempModel {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 fn assert_mentions(err: &str, parts: &[&str]) {
@@ -285,7 +208,7 @@ fn assert_mentions(err: &str, parts: &[&str]) {
 
 #[test]
 fn config_errors_name_file_and_field() {
-    let t = TempModel::new("sigma", "cfg-class");
+    let t = TempModel::new(&pixart_dir("sigma"), "cfg-class");
     t.edit_config(|c| {
         c.remove("_class_name");
     });
@@ -294,7 +217,7 @@ fn config_errors_name_file_and_field() {
         &["config.json", "`_class_name`", "missing"],
     );
 
-    let t = TempModel::new("sigma", "cfg-type");
+    let t = TempModel::new(&pixart_dir("sigma"), "cfg-type");
     t.edit_config(|c| {
         c.insert("num_layers".into(), "two".into());
     });
@@ -303,7 +226,7 @@ fn config_errors_name_file_and_field() {
         &["config.json", "`num_layers`", "expected usize"],
     );
 
-    let t = TempModel::new("sigma", "cfg-null");
+    let t = TempModel::new(&pixart_dir("sigma"), "cfg-null");
     t.edit_config(|c| {
         c.insert("num_attention_heads".into(), serde_json::Value::Null);
     });
@@ -312,7 +235,7 @@ fn config_errors_name_file_and_field() {
         &["config.json", "`num_attention_heads`", "null"],
     );
 
-    let t = TempModel::new("sigma", "cfg-norm");
+    let t = TempModel::new(&pixart_dir("sigma"), "cfg-norm");
     t.edit_config(|c| {
         c.insert("norm_type".into(), "ada_norm_continuous".into());
     });
@@ -325,7 +248,7 @@ fn config_errors_name_file_and_field() {
 #[test]
 fn missing_optional_key_takes_diffusers_default() {
     // Without `num_layers` diffusers builds 28 blocks; the 2-block weights then lack block 2.
-    let t = TempModel::new("sigma", "cfg-default");
+    let t = TempModel::new(&pixart_dir("sigma"), "cfg-default");
     t.edit_config(|c| {
         c.remove("num_layers");
     });
@@ -340,7 +263,7 @@ fn missing_optional_key_takes_diffusers_default() {
 
 #[test]
 fn weight_errors_name_file_tensor_and_shapes() {
-    let t = TempModel::new("sigma", "w-missing");
+    let t = TempModel::new(&pixart_dir("sigma"), "w-missing");
     t.edit_weights(|w| {
         w.remove("proj_out.weight");
     });
@@ -353,7 +276,7 @@ fn weight_errors_name_file_tensor_and_shapes() {
         ],
     );
 
-    let t = TempModel::new("sigma", "w-shape");
+    let t = TempModel::new(&pixart_dir("sigma"), "w-shape");
     t.edit_weights(|w| {
         let name = "transformer_blocks.1.attn2.to_k.weight";
         let bad = w[name].narrow(1, 0, 47).unwrap();
@@ -369,7 +292,7 @@ fn weight_errors_name_file_tensor_and_shapes() {
         ],
     );
 
-    let t = TempModel::new("sigma", "w-truncated");
+    let t = TempModel::new(&pixart_dir("sigma"), "w-truncated");
     let bytes = std::fs::read(t.weights_path()).unwrap();
     std::fs::write(t.weights_path(), &bytes[..bytes.len() / 2]).unwrap();
     assert_mentions(
@@ -383,7 +306,7 @@ fn weight_errors_name_file_tensor_and_shapes() {
 
 #[test]
 fn missing_weights_file_is_reported() {
-    let t = TempModel::new("sigma", "w-none");
+    let t = TempModel::new(&pixart_dir("sigma"), "w-none");
     std::fs::remove_file(t.weights_path()).unwrap();
     assert_mentions(
         &t.load_error(),

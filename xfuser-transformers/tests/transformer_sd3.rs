@@ -5,28 +5,19 @@
 //! split at every block, a pair of PipeFusion stages passing the text stream, and the
 //! sequence-parallel forwards (Ulysses, Ring, USP, padded splits) on the local backend.
 
-use std::path::PathBuf;
+mod common;
 
 use candle_core::Tensor;
-use xfuser_core::backbone::{Backbone, ForwardContext, PipelineStage, SpContext};
-use xfuser_core::distributed::runtime_state::RuntimeState;
-use xfuser_core::distributed::{launch_local, InputMetadata, LaunchOptions, RankMesh};
-use xfuser_core::engine::ParallelConfig;
+use common::{sd3_transformer_dir, TempModel, SD3_CONDITIONING};
+use xfuser_core::backbone::{Backbone, ForwardContext, PipelineStage};
 use xfuser_core::registry::{self, Kind, LoadOptions};
-use xfuser_core::testing::{fixtures_dir, load_goldens, max_abs_diff, rel_l2, ForwardCase};
+use xfuser_core::testing::{max_abs_diff, rel_l2, ForwardCase};
 use xfuser_transformers::transformer_sd3::{Config, CLASS_NAME, TEMB};
 
 const MODELS: [&str; 2] = ["sd3", "sd35"];
 
-/// The conditioning an SD3 forward reads.
-const CONDITIONING: [&str; 2] = ["encoder_hidden_states", "pooled_projections"];
-
-fn transformer_dir() -> PathBuf {
-    fixtures_dir().join("sd3").join("transformer")
-}
-
 fn load_with(model: &str, options: &LoadOptions) -> Box<dyn Backbone> {
-    registry::load_transformer(&transformer_dir().join(model), options).unwrap()
+    common::load_with(&sd3_transformer_dir().join(model), options)
 }
 
 fn load(model: &str) -> Box<dyn Backbone> {
@@ -36,12 +27,8 @@ fn load(model: &str) -> Box<dyn Backbone> {
 /// The fixture forward of `model`; `latent_rows` crops the latent (a token-row count that an
 /// sp degree does not divide).
 fn case(model: &str, latent_rows: Option<usize>) -> ForwardCase {
-    let mut io = load_goldens(&transformer_dir().join(format!("{model}.safetensors"))).unwrap();
-    if let Some(rows) = latent_rows {
-        let cropped = io["hidden_states"].narrow(2, 0, rows).unwrap();
-        io.insert("hidden_states".into(), cropped);
-    }
-    ForwardCase::new(io, &CONDITIONING)
+    let file = sd3_transformer_dir().join(format!("{model}.safetensors"));
+    common::forward_case(&file, &SD3_CONDITIONING, latent_rows)
 }
 
 #[test]
@@ -86,7 +73,7 @@ fn info_and_registry() {
     assert!(info.updates_text_stream);
     assert_eq!(model.held_layers(), 0..3);
     assert!(model.parameter_bytes().unwrap() > 0);
-    let shape = registry::transformer_shape(&transformer_dir().join("sd35")).unwrap();
+    let shape = registry::transformer_shape(&sd3_transformer_dir().join("sd35")).unwrap();
     assert_eq!((shape.num_attention_heads, shape.num_layers), (2, 3));
 }
 
@@ -148,22 +135,12 @@ fn latent_larger_than_the_position_table_is_refused() {
 #[test]
 fn split_forward_equals_whole() {
     for model_name in MODELS {
-        let model = load(model_name);
         let io = case(model_name, None);
-        let (inputs, ctx) = (io.inputs(), ForwardContext::default());
-        let whole = model.forward_one_stream(&inputs, &ctx).unwrap();
-        let n = model.info().num_layers;
-        for k in 0..=n {
-            let state = model.embed(&inputs, &ctx).unwrap();
-            let state = model.blocks(state, 0..k, &ctx).unwrap();
-            let state = model.blocks(state, k..n, &ctx).unwrap();
-            let split = model.head(state, &ctx).unwrap();
-            assert_eq!(
-                max_abs_diff(&split, &whole).unwrap(),
-                0.0,
-                "{model_name}: split at {k}"
-            );
-        }
+        common::assert_split_forward_equals_whole(
+            load(model_name).as_ref(),
+            &io.inputs(),
+            model_name,
+        );
     }
 }
 
@@ -233,25 +210,6 @@ fn stage_pair_equals_whole() {
     }
 }
 
-fn mesh(ulysses: usize, ring: usize) -> RankMesh {
-    RankMesh::new(&ParallelConfig {
-        ulysses_degree: ulysses,
-        ring_degree: ring,
-        ..Default::default()
-    })
-    .unwrap()
-}
-
-/// The split of the latent over the sp ranks of `mesh`, as the runtime state computes it.
-fn metadata(model: &dyn Backbone, mesh: &RankMesh, latent: &Tensor) -> InputMetadata {
-    let (batch, _, h, w) = latent.dims4().unwrap();
-    let mut state = RuntimeState::new(mesh, model.info().patch_size, 8, None);
-    state
-        .set_input_parameters(h * 8, w * 8, batch, 1)
-        .unwrap()
-        .clone()
-}
-
 /// Runs the sp forward with `processor` on every rank of a U×R mesh and checks each rank's
 /// output against the serial forward.
 fn check_sp_forward(
@@ -264,38 +222,26 @@ fn check_sp_forward(
     let model = load(model_name);
     let io = case(model_name, latent_rows);
     let inputs = io.inputs();
-    let serial = model.forward(&inputs, &ForwardContext::default()).unwrap();
-    let mesh = mesh(u, r);
-    let meta = metadata(model.as_ref(), &mesh, inputs.hidden_states);
-    let padded = meta.full.slices.iter().any(|s| s.padding() > 0);
-    assert_eq!(padded, expect_padding, "padding of {:?}", meta.full.slices);
-
-    let outs = launch_local(&mesh, &LaunchOptions::default(), |ctx| {
-        let sp = SpContext::from_rank(&ctx, meta.full.clone())?;
-        let fctx = ForwardContext::sequence_parallel(processor, sp)?;
-        model.forward(&inputs, &fctx)
-    })
-    .unwrap();
-
     let label = format!(
         "{model_name} {:?} u{u}×r{r} {processor}",
         inputs.hidden_states.dims()
     );
-    let mut worst = 0f64;
-    for (rank, out) in outs.iter().enumerate() {
-        let err = rel_l2(out, &serial).unwrap();
-        worst = worst.max(err);
-        assert!(err <= 1e-5, "{label}: rank {rank} rel L2 {err:.3e} > 1e-5");
-        // Every rank gathers the same bits.
-        assert_eq!(max_abs_diff(out, &outs[0]).unwrap(), 0.0, "{label}");
-    }
+    let sp = common::sp_forward(
+        model.as_ref(),
+        &inputs,
+        (u, r),
+        processor,
+        expect_padding,
+        &label,
+        |_| (),
+    );
     if latent_rows.is_none() {
-        let err = rel_l2(&outs[0], &io["sample"]).unwrap();
+        let err = rel_l2(&sp.ranks[0].0, &io["sample"]).unwrap();
         assert!(err <= 1e-5, "{label}: rel L2 {err:.3e} vs diffusers");
     }
     println!(
-        "{label}: padded len {} (padding: {padded}), max rel L2 {worst:.3e} vs serial",
-        meta.full.slices[0].padded_len
+        "{label}: padded len {} (padding: {expect_padding}), max rel L2 {:.3e} vs serial",
+        sp.meta.full.slices[0].padded_len, sp.worst
     );
 }
 
@@ -326,69 +272,24 @@ sp_parity! {
 #[test]
 fn ulysses_degree_not_dividing_heads_fails_before_any_work() {
     // The fixtures have 2 heads.
-    let model = load("sd35");
     let io = case("sd35", None);
-    let inputs = io.inputs();
-    let mesh = mesh(4, 1);
-    let meta = metadata(model.as_ref(), &mesh, inputs.hidden_states);
-    let options = LaunchOptions::default();
-    let err = launch_local(&mesh, &options, |ctx| {
-        let sp = SpContext::from_rank(&ctx, meta.full.clone())?;
-        let fctx = ForwardContext::sequence_parallel("ulysses", sp)?;
-        model.forward(&inputs, &fctx)
-    })
-    .expect_err("ulysses 4 cannot split 2 heads")
-    .to_string();
-    assert!(
-        err.contains("--ulysses-degree 4 does not divide the 2 attention heads"),
-        "{err}"
-    );
-    assert!(
-        options.stats.snapshot().is_empty(),
-        "no communication may happen: {:?}",
-        options.stats.snapshot()
-    );
+    common::assert_ulysses_degree_refused(load("sd35").as_ref(), &io.inputs());
 }
 
 #[test]
 fn sp_context_without_parallel_processor_is_refused() {
-    let model = load("sd3");
     let io = case("sd3", None);
-    let inputs = io.inputs();
-    let mesh = mesh(2, 1);
-    let meta = metadata(model.as_ref(), &mesh, inputs.hidden_states);
-    let err = launch_local(&mesh, &LaunchOptions::default(), |ctx| {
-        let fctx = ForwardContext {
-            attention: None,
-            sp: Some(SpContext::from_rank(&ctx, meta.full.clone())?),
-        };
-        model.forward(&inputs, &fctx)
-    })
-    .err()
-    .unwrap()
-    .to_string();
-    assert!(err.contains("parallel attention processor"), "{err}");
+    common::assert_sp_without_processor_refused(load("sd3").as_ref(), &io.inputs());
 }
 
 #[test]
 fn unsupported_qk_norm_is_refused_naming_the_field() {
-    let dir = std::env::temp_dir().join(format!("xfuser-sd3-qk-norm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let src = transformer_dir().join("sd35");
-    let config = std::fs::read_to_string(src.join("config.json"))
-        .unwrap()
-        .replace("\"rms_norm\"", "\"layer_norm\"");
-    std::fs::write(dir.join("config.json"), config).unwrap();
-    std::fs::copy(
-        src.join("diffusion_pytorch_model.safetensors"),
-        dir.join("diffusion_pytorch_model.safetensors"),
-    )
-    .unwrap();
-    let err = registry::load_transformer(&dir, &LoadOptions::default())
-        .err()
-        .expect("layer_norm q/k norms are not supported")
-        .to_string();
-    std::fs::remove_dir_all(&dir).ok();
+    let t = TempModel::new(&sd3_transformer_dir().join("sd35"), "qk-norm");
+    t.edit_config(|c| {
+        assert_eq!(c["qk_norm"], "rms_norm");
+        c.insert("qk_norm".into(), "layer_norm".into());
+    });
+    let err = t.load_error();
     assert!(
         err.contains("qk_norm") && err.contains("layer_norm"),
         "{err}"
