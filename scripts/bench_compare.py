@@ -3,9 +3,9 @@
 ratio rust/torch as the last line.
 
     cargo build --release -p xfuser-bench
-    /work/pyvenv/bin/python scripts/bench_compare.py pixart-forward --rounds 3
-    /work/pyvenv/bin/python scripts/bench_compare.py pipeline --rounds 3 -- --steps 20
-    /work/pyvenv/bin/python scripts/bench_compare.py sd3-forward --rounds 3
+    .venv/bin/python scripts/bench_compare.py pixart-forward --rounds 3
+    .venv/bin/python scripts/bench_compare.py pipeline --rounds 3 -- --steps 20
+    .venv/bin/python scripts/bench_compare.py sd3-forward --rounds 3
 
 `sd3-forward` compares one SD3Transformer2DModel forward at SD3-medium width (24 blocks,
 hidden 1536, 256 px, batch 2, 333 text tokens; shrink with e.g. `-- --layers 2`), as
