@@ -3,6 +3,11 @@
 //! `blocks(range)` (the transformer blocks a stage owns) and `head` (final norm + unpatchify;
 //! last stage). The runtime can thus run any registered backbone stage by stage and patch by
 //! patch without knowing its insides.
+//!
+//! What a model is conditioned on travels as [`Conditioning`] (named batch-first tensors the
+//! runtime splits and joins without reading them); what flows between the parts is a
+//! [`BlockState`] with the image tokens, an optional text stream the blocks may update, and
+//! the model's own per-forward tensors. docs/model-contract.md describes the whole contract.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
