@@ -142,7 +142,7 @@ impl ParallelConfig {
 }
 
 /// How the ranks of a parallel run behave.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RuntimeConfig {
     /// How long a rank waits in a collective for its peers before failing the run.
     pub comm_timeout: std::time::Duration,
@@ -153,6 +153,8 @@ pub struct RuntimeConfig {
     /// K/V, the baseline that the stale-KV approximation is measured against. Never set it
     /// for real runs.
     pub pipefusion_zero_stale_kv: bool,
+    /// Skip transformer work on steps where it barely changes (`--use-fbcache`); None: off.
+    pub step_cache: Option<StepCache>,
 }
 
 impl Default for RuntimeConfig {
@@ -161,8 +163,30 @@ impl Default for RuntimeConfig {
             comm_timeout: std::time::Duration::from_secs(300),
             inject_failure: None,
             pipefusion_zero_stale_kv: false,
+            step_cache: None,
         }
     }
+}
+
+/// A step cache: which kind and its threshold.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepCache {
+    pub kind: StepCacheKind,
+    /// The relative change below which a step reuses the cached work (0: never).
+    pub threshold: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepCacheKind {
+    /// First-Block-Cache: run the first block; when its residual changed by less than the
+    /// threshold (relative L1) since the last fully computed step, add the cached residual of
+    /// the other blocks instead of running them.
+    FirstBlock,
+}
+
+impl StepCache {
+    /// xDiT's default threshold for its caches (`rel_l1_thresh` 0.12).
+    pub const DEFAULT_THRESHOLD: f64 = 0.12;
 }
 
 /// Everything fixed when a pipeline is built.
@@ -284,6 +308,16 @@ pub struct PipelineOutput {
     pub images: Vec<RgbImage>,
     /// What the ranks sent to each other, per group and op (parallel runs only).
     pub comm_stats: Option<crate::distributed::CommStats>,
+    /// With a step cache: how many of the denoising steps ran the whole transformer (of the
+    /// first data-parallel group).
+    pub cache_stats: Option<CacheStats>,
+}
+
+/// Transformer steps a step cache computed fully, of all steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub computed: usize,
+    pub steps: usize,
 }
 
 #[cfg(test)]

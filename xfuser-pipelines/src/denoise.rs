@@ -10,6 +10,8 @@ use xfuser_core::random::Generator;
 use xfuser_core::scheduler::Scheduler;
 use xfuser_core::{Error, Result};
 
+use crate::step_cache::FirstBlockCache;
+
 /// What the denoising loop conditions on: the backbone's conditioning for each side of
 /// classifier-free guidance.
 #[derive(Debug, Clone)]
@@ -54,7 +56,26 @@ pub fn denoise(
     guidance: &Guidance,
     ctx: &ForwardContext,
     cfg_group: Option<&ProcessGroup>,
+    generator: Option<&mut Generator>,
+    on_step: &mut dyn FnMut(usize, usize) -> Result<()>,
+) -> Result<Tensor> {
+    denoise_with_cache(
+        backbone, scheduler, latents, guidance, ctx, cfg_group, generator, None, on_step,
+    )
+}
+
+/// [`denoise`] with a step cache: every forward goes through `cache`, and serial CFG runs the
+/// doubled batch in one forward so that both halves take the cache's decision together.
+#[allow(clippy::too_many_arguments)]
+pub fn denoise_with_cache(
+    backbone: &dyn Backbone,
+    scheduler: &dyn Scheduler,
+    latents: Tensor,
+    guidance: &Guidance,
+    ctx: &ForwardContext,
+    cfg_group: Option<&ProcessGroup>,
     mut generator: Option<&mut Generator>,
+    mut cache: Option<&mut FirstBlockCache>,
     on_step: &mut dyn FnMut(usize, usize) -> Result<()>,
 ) -> Result<Tensor> {
     let timesteps = schedule(scheduler)?.to_vec();
@@ -67,7 +88,7 @@ pub fn denoise(
     let batch = latents.dim(0)?;
     let mut state = scheduler.new_state();
     let mut latents = latents;
-    let streams = if doubled {
+    let streams = if doubled && cache.is_none() {
         CfgStreams::new(guidance, ctx)?
     } else {
         None
@@ -92,7 +113,10 @@ pub fn denoise(
                     timestep: &timestep,
                     conditioning: &conditioning,
                 };
-                let prediction = backbone.forward(&inputs, ctx)?;
+                let prediction = match cache.as_deref_mut() {
+                    Some(cache) => cache.forward(backbone, &inputs, ctx)?,
+                    None => backbone.forward(&inputs, ctx)?,
+                };
                 match cfg_group {
                     // (B, ...) on each rank -> (2B, ...): negative half, then positive.
                     Some(group) => group.all_gather(&prediction, 0)?,

@@ -11,6 +11,7 @@ pub mod pipeline_pixart_sigma;
 pub mod pipeline_stable_diffusion_3;
 pub mod pipeline_utils;
 pub mod runtime;
+pub mod step_cache;
 pub mod text;
 pub mod vae;
 

@@ -14,10 +14,12 @@ use std::path::Path;
 use candle_core::Tensor;
 use xfuser_core::backbone::{Backbone, ForwardContext, PipelineStage, SpContext};
 use xfuser_core::distributed::{
-    launch_local, Axis, CfgUse, InputMetadata, LaunchOptions, RankContext, RankMesh, RuntimeState,
+    launch_local, Axis, CfgUse, InputMetadata, LaunchOptions, ProcessGroup, RankContext, RankMesh,
+    RuntimeState,
 };
 use xfuser_core::engine::{
     EngineConfig, InputConfig, OutputType, ParallelConfig, PipelineOutput, RgbImage, RuntimeConfig,
+    StepCache, StepCacheKind,
 };
 use xfuser_core::random::Generator;
 use xfuser_core::registry::{
@@ -26,8 +28,9 @@ use xfuser_core::registry::{
 use xfuser_core::scheduler::Scheduler;
 use xfuser_core::{Error, Result};
 
-use crate::denoise::{denoise, Guidance};
+use crate::denoise::{denoise_with_cache, Guidance};
 use crate::pipefusion::{denoise_pipefusion, PipeFusionConfig};
+use crate::step_cache::FirstBlockCache;
 
 /// What the runtime needs to know of a request, fixed by the pipeline's plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -300,6 +303,27 @@ impl DiTRuntime {
             Ok(())
         };
         let pp = self.parallel.pipefusion_parallel_degree;
+        let mut cache = match self.runtime.step_cache {
+            None => None,
+            Some(_) if pp > 1 => {
+                return Err(Error::Unsupported(
+                    "--use-fbcache with --pipefusion-parallel-degree > 1: the first block and \
+                     the cached rest run on different stages, on patches with stale \
+                     activations, so no stage can decide for the whole image; use the cache \
+                     with data, CFG, Ulysses or Ring parallelism"
+                        .into(),
+                ))
+            }
+            Some(StepCache {
+                kind: StepCacheKind::FirstBlock,
+                threshold,
+            }) => {
+                let groups: Vec<&ProcessGroup> = rank
+                    .map(|r| vec![r.sp_group(), r.cfg_group()])
+                    .unwrap_or_default();
+                Some(FirstBlockCache::new(threshold, &groups)?)
+            }
+        };
         let latents = match rank {
             Some(rank) if pp > 1 => {
                 let metadata = self.runtime_metadata(rank.mesh(), shape, slice.len, input)?;
@@ -324,7 +348,7 @@ impl DiTRuntime {
                     Some(rank) => self.forward_context(rank, shape, slice.len, input)?,
                     None => ForwardContext::default(),
                 };
-                Some(denoise(
+                Some(denoise_with_cache(
                     self.transformer(),
                     scheduler.as_ref(),
                     latents,
@@ -332,6 +356,7 @@ impl DiTRuntime {
                     &ctx,
                     cfg_group,
                     Some(&mut generator),
+                    cache.as_mut(),
                     &mut report,
                 )?)
             }
@@ -353,6 +378,7 @@ impl DiTRuntime {
                 latents,
                 images,
                 comm_stats: None,
+                cache_stats: cache.as_ref().map(FirstBlockCache::stats),
             },
         )))
     }
@@ -444,11 +470,13 @@ impl DiTRuntime {
         let mut groups: Vec<(usize, PipelineOutput)> = ranks.into_iter().flatten().collect();
         groups.sort_by_key(|(dp, _)| *dp);
         let latents: Vec<Tensor> = groups.iter().map(|(_, o)| o.latents.clone()).collect();
+        let cache_stats = groups.first().and_then(|(_, o)| o.cache_stats);
         let images = groups.into_iter().flat_map(|(_, o)| o.images).collect();
         Ok(PipelineOutput {
             latents: Tensor::cat(&latents, 0)?,
             images,
             comm_stats: Some(stats),
+            cache_stats,
         })
     }
 }
