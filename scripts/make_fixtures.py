@@ -20,7 +20,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Each module has make(fixtures_dir: Path) and writes only below its own sub-folder.
-MODULES = ["randn", "schedulers", "transformer", "text", "pipelines", "vae", "sd3"]
+MODULES = ["randn", "schedulers", "transformer", "text", "pipelines", "vae", "sd3", "flux"]
 
 
 def main(argv):

@@ -436,6 +436,130 @@ impl CombinedTimestepTextProjEmbeddings {
     }
 }
 
+/// diffusers' `CombinedTimestepGuidanceTextProjEmbeddings` (Flux-dev): the embedded timestep
+/// plus the embedded guidance value plus the projected pooled text,
+/// `(timestep_embedder(time_proj(t)) + guidance_embedder(time_proj(g))) + text_embedder(pooled)`,
+/// with the same 256-channel `[cos, sin]` sinusoid for both and the SiLU text projection of
+/// [`CombinedTimestepTextProjEmbeddings`].
+#[derive(Debug, Clone)]
+pub struct CombinedTimestepGuidanceTextProjEmbeddings {
+    timestep_embedder: TimestepEmbedding,
+    guidance_embedder: TimestepEmbedding,
+    text_linear_1: Linear,
+    text_linear_2: Linear,
+}
+
+impl CombinedTimestepGuidanceTextProjEmbeddings {
+    /// `vb` is the module's prefix (`time_text_embed`).
+    pub fn new(embedding_dim: usize, pooled_projection_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let text = vb.pp("text_embedder");
+        Ok(Self {
+            timestep_embedder: TimestepEmbedding::new(
+                PIXART_TIME_PROJ_DIM,
+                embedding_dim,
+                vb.pp("timestep_embedder"),
+            )?,
+            guidance_embedder: TimestepEmbedding::new(
+                PIXART_TIME_PROJ_DIM,
+                embedding_dim,
+                vb.pp("guidance_embedder"),
+            )?,
+            text_linear_1: candle_nn::linear(
+                pooled_projection_dim,
+                embedding_dim,
+                text.pp("linear_1"),
+            )?,
+            text_linear_2: candle_nn::linear(embedding_dim, embedding_dim, text.pp("linear_2"))?,
+        })
+    }
+
+    /// timestep (B,), guidance (B,), pooled (B, pooled_projection_dim) -> (B, D) in the dtype
+    /// of `pooled`.
+    pub fn forward(&self, timestep: &Tensor, guidance: &Tensor, pooled: &Tensor) -> Result<Tensor> {
+        let embed = |t: &Tensor, embedder: &TimestepEmbedding| -> Result<Tensor> {
+            let proj = get_timestep_embedding(t, PIXART_TIME_PROJ_DIM, true, 0.0, 1.0, 10000.0)?;
+            embedder.forward(&proj.to_dtype(pooled.dtype())?)
+        };
+        let time_guidance = (embed(timestep, &self.timestep_embedder)?
+            + embed(guidance, &self.guidance_embedder)?)?;
+        let text = self
+            .text_linear_2
+            .forward(&self.text_linear_1.forward(pooled)?.silu()?)?;
+        time_guidance + text
+    }
+}
+
+/// Rotary tables of positions with several axes (diffusers' `FluxPosEmbed`, which joins one
+/// `get_1d_rotary_pos_embed` per axis): `ids` holds `axes_dims.len()` coordinates per
+/// position, row after row; axis `a` takes `axes_dims[a] / 2` rotation pairs, pair `k` at the
+/// angle `id_a · theta^(−2k / axes_dims[a])`. Returns cos and sin of the angles, (N, Σ
+/// axes_dims / 2) f32 each: pair `i` rotates the values `2i` and `2i + 1` of a head (diffusers'
+/// tables, repeat-interleaved, hold each of these values twice). Computed on the host in f64
+/// and rounded to f32, as diffusers does on the CPU.
+pub fn multi_axis_rotary_tables(
+    ids: &[f64],
+    axes_dims: &[usize],
+    theta: f64,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let axes = axes_dims.len();
+    if axes == 0 || !ids.len().is_multiple_of(axes) || axes_dims.iter().any(|d| d % 2 == 1) {
+        candle_core::bail!(
+            "rotary tables: {} ids are not whole positions of {axes} axes, or an axis of \
+             {axes_dims:?} is odd",
+            ids.len()
+        );
+    }
+    let freqs: Vec<(usize, f64)> = axes_dims
+        .iter()
+        .enumerate()
+        .flat_map(|(a, &dim)| {
+            (0..dim / 2).map(move |k| (a, 1.0 / theta.powf((2 * k) as f64 / dim as f64)))
+        })
+        .collect();
+    let n = ids.len() / axes;
+    let mut cos = Vec::with_capacity(n * freqs.len());
+    let mut sin = Vec::with_capacity(n * freqs.len());
+    for position in ids.chunks(axes) {
+        for &(a, freq) in &freqs {
+            let angle = position[a] * freq;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    let half = freqs.len();
+    Ok((
+        Tensor::from_vec(cos, (n, half), device)?,
+        Tensor::from_vec(sin, (n, half), device)?,
+    ))
+}
+
+/// diffusers' `apply_rotary_emb` with real tables and `use_real_unbind_dim = -1` (Flux,
+/// HunyuanDiT, CogVideoX): each pair of values `(x_2i, x_2i+1)` of a head is rotated by its
+/// angle, `(x_2i·cos − x_2i+1·sin, x_2i+1·cos + x_2i·sin)`, in f32. x (B, H, S, Dh), cos and
+/// sin (S, Dh/2) from [`multi_axis_rotary_tables`] -> (B, H, S, Dh) in the dtype of x.
+pub fn apply_rotary_emb_pairs(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, h, s, d) = x.dims4()?;
+    if d % 2 == 1 || cos.dims() != [s, d / 2] || sin.dims() != [s, d / 2] {
+        candle_core::bail!(
+            "apply_rotary_emb_pairs: x {:?} needs (S, Dh/2) tables, got cos {:?}, sin {:?}",
+            x.dims(),
+            cos.dims(),
+            sin.dims()
+        );
+    }
+    let dtype = x.dtype();
+    let pairs = x.to_dtype(DType::F32)?.reshape((b, h, s, d / 2, 2))?;
+    let (re, im) = (pairs.narrow(4, 0, 1)?, pairs.narrow(4, 1, 1)?);
+    let table = |t: &Tensor| t.to_dtype(DType::F32)?.reshape((1, 1, s, d / 2, 1));
+    let (cos, sin) = (table(cos)?, table(sin)?);
+    let out_re = (re.broadcast_mul(&cos)? - im.broadcast_mul(&sin)?)?;
+    let out_im = (im.broadcast_mul(&cos)? + re.broadcast_mul(&sin)?)?;
+    Tensor::cat(&[out_re, out_im], 4)?
+        .reshape((b, h, s, d))?
+        .to_dtype(dtype)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,5 +595,41 @@ mod tests {
         assert!((tok[4] as f64 - 1f64.sin()).abs() < 1e-6);
         assert!((tok[6] as f64 - 1f64.cos()).abs() < 1e-6);
         assert!((tok[5] as f64 - (0.01f64).sin()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rotary_tables_and_rotation_follow_the_closed_form() {
+        // Two positions of axes (2, 4): axis 0 one pair at freq 1, axis 1 two pairs at
+        // freqs 1 and 10000^(-1/2) = 0.01.
+        let ids = [0.0, 0.0, 3.0, 2.0];
+        let (cos, sin) = multi_axis_rotary_tables(&ids, &[2, 4], 10000.0, &Device::Cpu).unwrap();
+        assert_eq!(cos.dims(), [2, 3]);
+        let (cos, sin): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
+            (cos.to_vec2().unwrap(), sin.to_vec2().unwrap());
+        assert_eq!(
+            (cos[0].clone(), sin[0].clone()),
+            (vec![1.0; 3], vec![0.0; 3])
+        );
+        let angles = [3.0f64, 2.0, 2.0 * 0.01];
+        for (k, a) in angles.iter().enumerate() {
+            assert_eq!(cos[1][k], a.cos() as f32);
+            assert_eq!(sin[1][k], a.sin() as f32);
+        }
+        // x (1, 1, 2, 6): pair k of position 1 rotated by angle k; position 0 unchanged.
+        let x: Vec<f32> = (1..=12).map(|v| v as f32).collect();
+        let xt = Tensor::from_vec(x.clone(), (1, 1, 2, 6), &Device::Cpu).unwrap();
+        let (ct, st) = multi_axis_rotary_tables(&ids, &[2, 4], 10000.0, &Device::Cpu).unwrap();
+        let out: Vec<f32> = apply_rotary_emb_pairs(&xt, &ct, &st)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(&out[..6], &x[..6]);
+        for (k, a) in angles.iter().enumerate() {
+            let (re, im) = (x[6 + 2 * k] as f64, x[7 + 2 * k] as f64);
+            assert!((out[6 + 2 * k] as f64 - (re * a.cos() - im * a.sin())).abs() < 1e-5);
+            assert!((out[7 + 2 * k] as f64 - (im * a.cos() + re * a.sin())).abs() < 1e-5);
+        }
     }
 }

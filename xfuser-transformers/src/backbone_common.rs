@@ -403,6 +403,20 @@ pub(crate) fn gather_and_unpatchify(
     )?)
 }
 
+/// The projected tokens (B, N, C) of the head, with `sp` this rank's padded share,
+/// all-gathered over the sp group, real tokens first, padding dropped: (B, tokens, C). For a
+/// model that unpatchifies its own way (Flux's unpacking); without `sp`, `hidden` itself.
+pub(crate) fn gather_sp_tokens(hidden: Tensor, ctx: &ForwardContext) -> Result<Tensor> {
+    Ok(match &ctx.sp {
+        None => hidden,
+        Some(sp) => {
+            sp.sp_group()
+                .all_gather(&hidden.contiguous()?, 1)?
+                .narrow(1, 0, sp.num_tokens())?
+        }
+    })
+}
+
 /// (B, rows·cols, p·p·C) -> (B, C, rows·p, cols·p): each token's values are laid out
 /// (p row, p column, channel), diffusers' einsum `nhwpqc->nchpwq`.
 pub(crate) fn unpatchify(

@@ -3,7 +3,9 @@
 
 mod backbone_common;
 pub mod pixart_transformer_2d;
+pub mod transformer_flux;
 pub mod transformer_sd3;
 
 pub use pixart_transformer_2d::PixArtTransformer2DModel;
+pub use transformer_flux::FluxTransformer2DModel;
 pub use transformer_sd3::SD3Transformer2DModel;
