@@ -1,7 +1,10 @@
 //! xfuser: parallel inference for diffusion transformers. This crate re-exports the workspace
-//! and carries the `xfuser` command-line tool with its bundled tiny model.
+//! and carries the `xfuser` command-line tool with its bundled tiny model, the request handling
+//! the CLI and the HTTP server share, and the server itself.
 
 pub mod bundled;
+pub mod request;
+pub mod serve;
 
 pub use xfuser_core as core;
 pub use xfuser_layers as layers;

@@ -7,9 +7,14 @@ use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use xfuser::bundled::{bundled_model_dir, BUNDLED_MODEL_NAME};
-use xfuser::core::engine::{EngineConfig, InputConfig, OutputType, ParallelConfig, PipelineOutput};
+use xfuser::core::engine::{EngineConfig, OutputType, ParallelConfig, PipelineOutput};
+use xfuser::core::pipeline::DiffusionPipeline;
 use xfuser::core::registry::{attention_processor_entry, registered, Kind};
 use xfuser::pipelines::xFuserPipeline;
+use xfuser::request::{
+    GenerateParams, DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SEED,
+};
+use xfuser::serve::ServeConfig;
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +33,8 @@ struct Cli {
 enum Command {
     /// Generate images (or latents) from prompts.
     Generate(GenerateArgs),
+    /// Serve the model over HTTP: it is loaded once and runs one request at a time.
+    Serve(ServeArgs),
     /// List the registered pipelines, transformers and schedulers.
     List,
 }
@@ -62,13 +69,13 @@ struct GenerateArgs {
     /// Image width in pixels; default: the model's.
     #[arg(long)]
     width: Option<usize>,
-    #[arg(long, alias = "num_inference_steps", default_value_t = 20)]
+    #[arg(long, alias = "num_inference_steps", default_value_t = DEFAULT_NUM_INFERENCE_STEPS)]
     num_inference_steps: usize,
-    #[arg(long, alias = "guidance_scale", default_value_t = 4.5)]
+    #[arg(long, alias = "guidance_scale", default_value_t = DEFAULT_GUIDANCE_SCALE)]
     guidance_scale: f64,
     #[arg(long, alias = "num_images_per_prompt", default_value_t = 1)]
     num_images_per_prompt: usize,
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = DEFAULT_SEED)]
     seed: u64,
     #[arg(long, alias = "output_type", value_enum, default_value = "pil")]
     output_type: OutputKind,
@@ -88,6 +95,13 @@ struct GenerateArgs {
     /// After a parallel run, print the bytes each process group moved, per op.
     #[arg(long, alias = "report_comm")]
     report_comm: bool,
+    #[command(flatten)]
+    parallel: ParallelArgs,
+}
+
+/// How the model runs on its ranks: xDiT's parallel flags, shared by `generate` and `serve`.
+#[derive(Args)]
+struct ParallelArgs {
     #[arg(long, alias = "data_parallel_degree", default_value_t = 1)]
     data_parallel_degree: usize,
     #[arg(long, alias = "use_cfg_parallel")]
@@ -111,19 +125,68 @@ struct GenerateArgs {
     tensor_parallel_degree: usize,
 }
 
+impl ParallelArgs {
+    fn config(&self) -> ParallelConfig {
+        ParallelConfig {
+            data_parallel_degree: self.data_parallel_degree,
+            use_cfg_parallel: self.use_cfg_parallel,
+            pipefusion_parallel_degree: self.pipefusion_parallel_degree,
+            ulysses_degree: self.ulysses_degree,
+            ring_degree: self.ring_degree,
+            tensor_parallel_degree: self.tensor_parallel_degree,
+            num_pipeline_patch: self.num_pipeline_patch,
+            warmup_steps: self.warmup_steps,
+            attn_layer_num_for_pp: self.attn_layer_num_for_pp.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// A diffusers pipeline folder or a Hugging Face Hub id; default: the bundled tiny model.
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0: any free port; the address is printed once the server listens.
+    #[arg(long, default_value_t = 6000)]
+    port: u16,
+    /// Requests that may wait while one runs; more are refused with 503.
+    #[arg(long, alias = "max_queue", default_value_t = 16)]
+    max_queue: usize,
+    /// Text tokens kept per prompt (T5), for every request; default: the pipeline's.
+    #[arg(long, alias = "max_sequence_length")]
+    max_sequence_length: Option<usize>,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+    #[command(flatten)]
+    parallel: ParallelArgs,
+    /// Test aid: a request with exactly this prompt fails inside the worker (500).
+    #[arg(long, hide = true)]
+    fail_on_prompt: Option<String>,
+}
+
 fn main() {
     // Activations are reused from the heap instead of fresh kernel-zeroed pages each time.
     xfuser::core::alloc::keep_freed_memory_for_reuse();
     let cli = Cli::parse();
+    // `serve` logs one line per request at info level.
+    let default_filter = match cli.command {
+        Command::Serve(_) => "warn,xfuser::serve=info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        // Plain text when stderr is a file or pipe (logs, tests), colours on a terminal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
+        Command::Serve(args) => serve(args),
         Command::List => {
             list();
             Ok(())
@@ -155,18 +218,9 @@ fn list() {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    let parallel = ParallelConfig {
-        data_parallel_degree: args.data_parallel_degree,
-        use_cfg_parallel: args.use_cfg_parallel,
-        pipefusion_parallel_degree: args.pipefusion_parallel_degree,
-        ulysses_degree: args.ulysses_degree,
-        ring_degree: args.ring_degree,
-        tensor_parallel_degree: args.tensor_parallel_degree,
-        num_pipeline_patch: args.num_pipeline_patch,
-        warmup_steps: args.warmup_steps,
-        attn_layer_num_for_pp: args.attn_layer_num_for_pp.clone(),
-    };
-    let input = InputConfig {
+    let parallel = args.parallel.config();
+    // Everything that can be refused is refused before the model is loaded.
+    let input = GenerateParams {
         prompts: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         height: args.height,
@@ -181,30 +235,13 @@ fn generate(args: GenerateArgs) -> Result<()> {
         },
         max_sequence_length: args.max_sequence_length,
         use_resolution_binning: !args.no_use_resolution_binning,
-        latents: None,
-    };
-    // Everything that can be refused is refused before the model is loaded.
-    input.validate(8)?;
+    }
+    .into_input()?;
     parallel.validate()?;
-    let dtype = match args.dtype {
-        DTypeArg::F32 => DType::F32,
-        DTypeArg::F16 | DTypeArg::Bf16 => {
-            bail!("--dtype f16/bf16: this build computes on the CPU in f32 only; use --dtype f32")
-        }
-    };
+    let dtype = dtype(args.dtype)?;
     prepare_output_dir(&args.output_dir)?;
 
-    let (model, model_name) = match &args.model {
-        Some(m) => (m.clone(), model_display_name(m)),
-        None => (
-            bundled_model_dir()?.to_string_lossy().into_owned(),
-            BUNDLED_MODEL_NAME.to_string(),
-        ),
-    };
-    let mut engine = EngineConfig::new(model);
-    engine.model.dtype = dtype;
-    engine.parallel = parallel.clone();
-    let pipeline = xFuserPipeline::from_pretrained(&engine)?;
+    let (pipeline, model_name) = load(args.model.as_deref(), dtype, &parallel)?;
 
     let bar = progress_bar(args.num_inference_steps, args.quiet);
     let output = pipeline.generate(&input, &mut |i, _| bar.set_position(i as u64))?;
@@ -227,6 +264,65 @@ fn generate(args: GenerateArgs) -> Result<()> {
         report_comm(&output);
     }
     Ok(())
+}
+
+fn dtype(arg: DTypeArg) -> Result<DType> {
+    match arg {
+        DTypeArg::F32 => Ok(DType::F32),
+        DTypeArg::F16 | DTypeArg::Bf16 => {
+            bail!("--dtype f16/bf16: this build computes on the CPU in f32 only; use --dtype f32")
+        }
+    }
+}
+
+/// Builds the pipeline `model` names (default: the bundled one) and returns it with the name
+/// output files and messages use.
+fn load(
+    model: Option<&str>,
+    dtype: DType,
+    parallel: &ParallelConfig,
+) -> Result<(Box<dyn DiffusionPipeline>, String)> {
+    let (model, model_name) = match model {
+        Some(m) => (m.to_string(), model_display_name(m)),
+        None => (
+            bundled_model_dir()?.to_string_lossy().into_owned(),
+            BUNDLED_MODEL_NAME.to_string(),
+        ),
+    };
+    let mut engine = EngineConfig::new(model);
+    engine.model.dtype = dtype;
+    engine.parallel = parallel.clone();
+    Ok((xFuserPipeline::from_pretrained(&engine)?, model_name))
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let parallel = args.parallel.config();
+    parallel.validate()?;
+    if args.max_sequence_length == Some(0) {
+        bail!("--max-sequence-length must be at least 1");
+    }
+    let dtype = dtype(args.dtype)?;
+    let model_name = match &args.model {
+        Some(m) => model_display_name(m),
+        None => BUNDLED_MODEL_NAME.to_string(),
+    };
+    let config = ServeConfig {
+        host: args.host.clone(),
+        port: args.port,
+        max_queue: args.max_queue,
+        model_name,
+        max_sequence_length: args.max_sequence_length,
+        fail_on_prompt: args.fail_on_prompt.clone(),
+    };
+    xfuser::serve::run(
+        config,
+        || Ok(load(args.model.as_deref(), dtype, &parallel)?.0),
+        |addr| {
+            use std::io::Write;
+            println!("listening on http://{addr}");
+            let _ = std::io::stdout().flush();
+        },
+    )
 }
 
 /// Sums each (group, op)'s counters over its ranks and prints one line for each, to stderr.

@@ -3,7 +3,7 @@
 //! the same decisions and latents serially and under Ulysses, Ring and CFG parallel (the
 //! decision is agreed over the sp and cfg groups); PipeFusion refuses the cache.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use xfuser::core::engine::{
@@ -38,7 +38,7 @@ fn input() -> InputConfig {
     }
 }
 
-fn run(model: &PathBuf, parallel: ParallelConfig, threshold: Option<f64>) -> PipelineOutput {
+fn run(model: &Path, parallel: ParallelConfig, threshold: Option<f64>) -> PipelineOutput {
     let mut engine = EngineConfig::new(model.to_string_lossy());
     engine.parallel = parallel;
     engine.runtime.comm_timeout = Duration::from_secs(120);
@@ -88,7 +88,7 @@ fn a_huge_threshold_computes_only_the_first_step() {
 }
 
 /// The first threshold of a ladder that skips some steps but not all, serially.
-fn partial_threshold(model: &PathBuf) -> (f64, PipelineOutput) {
+fn partial_threshold(model: &Path) -> (f64, PipelineOutput) {
     for threshold in [0.01, 0.03, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9] {
         let out = run(model, ParallelConfig::default(), Some(threshold));
         let k = computed(&out);

@@ -101,8 +101,8 @@ pub fn u8_to_rgb(pixels: &Tensor) -> Result<Vec<RgbImage>> {
         .collect()
 }
 
-/// [`save_png`] for the engine's RGB images.
-pub fn save_rgb_png(image: &RgbImage, path: &Path) -> Result<()> {
+/// The engine's RGB image as an `image` crate image.
+fn rgb_to_dynamic(image: &RgbImage) -> Result<::image::DynamicImage> {
     let buffer =
         ::image::RgbImage::from_raw(image.width as u32, image.height as u32, image.data.clone())
             .ok_or_else(|| {
@@ -113,7 +113,27 @@ pub fn save_rgb_png(image: &RgbImage, path: &Path) -> Result<()> {
                     image.height
                 ))
             })?;
-    save_png(&::image::DynamicImage::ImageRgb8(buffer), path)
+    Ok(::image::DynamicImage::ImageRgb8(buffer))
+}
+
+/// [`save_png`] for the engine's RGB images.
+pub fn save_rgb_png(image: &RgbImage, path: &Path) -> Result<()> {
+    save_png(&rgb_to_dynamic(image)?, path)
+}
+
+/// [`encode_png`] for the engine's RGB images: the bytes [`save_rgb_png`] writes.
+pub fn encode_rgb_png(image: &RgbImage) -> Result<Vec<u8>> {
+    encode_png(&rgb_to_dynamic(image)?)
+}
+
+/// `image` as PNG bytes. Every PNG this crate writes or serves is encoded here, so a file
+/// written by the CLI and an image sent by the server for the same request are identical.
+pub fn encode_png(image: &::image::DynamicImage) -> Result<Vec<u8>> {
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut bytes, ::image::ImageFormat::Png)
+        .map_err(|e| Error::invalid(format!("encoding PNG: {e}")))?;
+    Ok(bytes.into_inner())
 }
 
 /// Writes `image` to `path` as PNG, atomically: it is written to a temporary file in the same
@@ -131,15 +151,9 @@ pub fn save_png(image: &::image::DynamicImage, path: &Path) -> Result<()> {
 }
 
 fn write_png(image: &::image::DynamicImage, tmp: &Path) -> Result<()> {
-    let file = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
-    let mut out = std::io::BufWriter::new(file);
-    image
-        .write_to(&mut out, ::image::ImageFormat::Png)
-        .map_err(|e| Error::io(tmp, std::io::Error::other(e)))?;
-    out.flush().map_err(|e| Error::io(tmp, e))?;
-    let file = out
-        .into_inner()
-        .map_err(|e| Error::io(tmp, e.into_error()))?;
+    let bytes = encode_png(image)?;
+    let mut file = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+    file.write_all(&bytes).map_err(|e| Error::io(tmp, e))?;
     file.sync_all().map_err(|e| Error::io(tmp, e))
 }
 
