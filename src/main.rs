@@ -7,7 +7,9 @@ use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use xfuser::bundled::{bundled_model_dir, BUNDLED_MODEL_NAME};
-use xfuser::core::engine::{EngineConfig, OutputType, ParallelConfig, PipelineOutput};
+use xfuser::core::engine::{
+    EngineConfig, OutputType, ParallelConfig, PipelineOutput, StepCache, StepCacheKind,
+};
 use xfuser::core::pipeline::DiffusionPipeline;
 use xfuser::core::registry::{attention_processor_entry, registered, Kind};
 use xfuser::pipelines::xFuserPipeline;
@@ -97,6 +99,8 @@ struct GenerateArgs {
     report_comm: bool,
     #[command(flatten)]
     parallel: ParallelArgs,
+    #[command(flatten)]
+    cache: CacheArgs,
 }
 
 /// How the model runs on its ranks: xDiT's parallel flags, shared by `generate` and `serve`.
@@ -123,6 +127,41 @@ struct ParallelArgs {
     attn_layer_num_for_pp: Option<Vec<usize>>,
     #[arg(long, alias = "tensor_parallel_degree", default_value_t = 1)]
     tensor_parallel_degree: usize,
+}
+
+/// Step caches (xDiT's flags), shared by `generate` and `serve`.
+#[derive(Args)]
+struct CacheArgs {
+    /// First-Block-Cache: on steps where the first block's residual changed less than
+    /// --cache-threshold since the last computed step, reuse the other blocks' residual.
+    #[arg(long, alias = "use_fbcache")]
+    use_fbcache: bool,
+    /// TeaCache: not built yet (refused).
+    #[arg(long, alias = "use_teacache")]
+    use_teacache: bool,
+    /// Relative L1 change below which a step reuses the cache (xDiT's default 0.12).
+    #[arg(long, alias = "cache_threshold", default_value_t = StepCache::DEFAULT_THRESHOLD)]
+    cache_threshold: f64,
+}
+
+impl CacheArgs {
+    fn config(&self) -> Result<Option<StepCache>> {
+        if self.use_teacache {
+            bail!(
+                "--use-teacache: TeaCache is not built yet; use --use-fbcache (First-Block-Cache)"
+            );
+        }
+        if !self.cache_threshold.is_finite() || self.cache_threshold < 0.0 {
+            bail!(
+                "--cache-threshold {}: must be a finite number ≥ 0",
+                self.cache_threshold
+            );
+        }
+        Ok(self.use_fbcache.then_some(StepCache {
+            kind: StepCacheKind::FirstBlock,
+            threshold: self.cache_threshold,
+        }))
+    }
 }
 
 impl ParallelArgs {
@@ -161,6 +200,8 @@ struct ServeArgs {
     dtype: DTypeArg,
     #[command(flatten)]
     parallel: ParallelArgs,
+    #[command(flatten)]
+    cache: CacheArgs,
     /// Test aid: a request with exactly this prompt fails inside the worker (500).
     #[arg(long, hide = true)]
     fail_on_prompt: Option<String>,
@@ -238,10 +279,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
     }
     .into_input()?;
     parallel.validate()?;
+    let step_cache = args.cache.config()?;
     let dtype = dtype(args.dtype)?;
     prepare_output_dir(&args.output_dir)?;
 
-    let (pipeline, model_name) = load(args.model.as_deref(), dtype, &parallel)?;
+    let (pipeline, model_name) = load(args.model.as_deref(), dtype, &parallel, step_cache)?;
 
     let bar = progress_bar(args.num_inference_steps, args.quiet);
     let output = pipeline.generate(&input, &mut |i, _| bar.set_position(i as u64))?;
@@ -259,6 +301,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let written = write_outputs(&output, input.output_type, &args.output_dir, &stem)?;
     for path in written {
         println!("{}", path.display());
+    }
+    if let Some(stats) = output.cache_stats {
+        eprintln!(
+            "cache: computed {} of {} transformer steps",
+            stats.computed, stats.steps
+        );
     }
     if args.report_comm {
         report_comm(&output);
@@ -281,6 +329,7 @@ fn load(
     model: Option<&str>,
     dtype: DType,
     parallel: &ParallelConfig,
+    step_cache: Option<StepCache>,
 ) -> Result<(Box<dyn DiffusionPipeline>, String)> {
     let (model, model_name) = match model {
         Some(m) => (m.to_string(), model_display_name(m)),
@@ -292,12 +341,14 @@ fn load(
     let mut engine = EngineConfig::new(model);
     engine.model.dtype = dtype;
     engine.parallel = parallel.clone();
+    engine.runtime.step_cache = step_cache;
     Ok((xFuserPipeline::from_pretrained(&engine)?, model_name))
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
     let parallel = args.parallel.config();
     parallel.validate()?;
+    let step_cache = args.cache.config()?;
     if args.max_sequence_length == Some(0) {
         bail!("--max-sequence-length must be at least 1");
     }
@@ -316,7 +367,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     xfuser::serve::run(
         config,
-        || Ok(load(args.model.as_deref(), dtype, &parallel)?.0),
+        || Ok(load(args.model.as_deref(), dtype, &parallel, step_cache)?.0),
         |addr| {
             use std::io::Write;
             println!("listening on http://{addr}");

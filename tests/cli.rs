@@ -1023,6 +1023,57 @@ fn sd3_ulysses_degree_must_divide_the_heads() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Step cache
+// ---------------------------------------------------------------------------------------------
+
+/// `--use-fbcache` at threshold 0 computes every step (and says so on stderr, even with
+/// `--quiet`) and gives the uncached latents; a huge threshold computes only the first.
+#[test]
+fn fbcache_reports_its_steps() {
+    let tmp = TempDir::new("fbcache");
+    let out = tmp.join("out");
+    let base = with_flags(quick_args(&alpha_dir(), &out), &["--output-type", "latent"]);
+    let plain = latents_run(&base, &out, "tiny-pixart-alpha");
+    std::fs::remove_dir_all(&out).unwrap();
+    let cached = with_flags(base.clone(), &["--use-fbcache", "--cache-threshold", "0"]);
+    let r = run(xfuser().args(&cached));
+    r.assert_ok();
+    assert!(
+        r.stderr
+            .contains("cache: computed 2 of 2 transformer steps"),
+        "stderr: {}",
+        r.stderr
+    );
+    let name = format!("tiny-pixart-alpha_{STEM}_latents.safetensors");
+    let err = rel_l2(&read_latents(&out.join(name)), &plain).unwrap();
+    assert!(err <= 1e-6, "threshold 0 vs uncached: {err:.3e}");
+    std::fs::remove_dir_all(&out).unwrap();
+    let skipping = with_flags(base, &["--use-fbcache", "--cache-threshold", "1e9"]);
+    let r = run(xfuser().args(&skipping));
+    r.assert_ok();
+    assert!(
+        r.stderr
+            .contains("cache: computed 1 of 2 transformer steps"),
+        "stderr: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn teacache_and_bad_thresholds_are_refused() {
+    refused(
+        &alpha_dir(),
+        &["--use-teacache"],
+        &["--use-teacache", "not built yet"],
+    );
+    refused(
+        &alpha_dir(),
+        &["--use-fbcache", "--cache-threshold=-1"],
+        &["--cache-threshold -1", "≥ 0"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // list
 // ---------------------------------------------------------------------------------------------
 
