@@ -75,6 +75,10 @@ struct GenerateArgs {
     num_inference_steps: usize,
     #[arg(long, alias = "guidance_scale", default_value_t = DEFAULT_GUIDANCE_SCALE)]
     guidance_scale: f64,
+    /// Flux: classifier-free guidance with --negative-prompt, on above 1 (diffusers'
+    /// true_cfg_scale); --guidance-scale is Flux-dev's embedded guidance.
+    #[arg(long, alias = "true_cfg_scale", default_value_t = 1.0)]
+    true_cfg_scale: f64,
     #[arg(long, alias = "num_images_per_prompt", default_value_t = 1)]
     num_images_per_prompt: usize,
     #[arg(long, default_value_t = DEFAULT_SEED)]
@@ -86,7 +90,8 @@ struct GenerateArgs {
     /// Generate at the requested size instead of the nearest trained aspect-ratio bin.
     #[arg(long, alias = "no_use_resolution_binning")]
     no_use_resolution_binning: bool,
-    /// Text tokens kept per prompt (T5); default: 120 (PixArt-α), 300 (PixArt-Σ), 256 (SD3).
+    /// Text tokens kept per prompt (T5); default: 120 (PixArt-α), 300 (PixArt-Σ), 256 (SD3),
+    /// 512 (Flux).
     #[arg(long, alias = "max_sequence_length")]
     max_sequence_length: Option<usize>,
     #[arg(long, value_enum, default_value = "f32")]
@@ -268,6 +273,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         width: args.width,
         num_inference_steps: args.num_inference_steps,
         guidance_scale: args.guidance_scale,
+        true_cfg_scale: args.true_cfg_scale,
         num_images_per_prompt: args.num_images_per_prompt,
         seed: args.seed,
         output_type: match args.output_type {

@@ -23,6 +23,9 @@ pub struct GenerateParams {
     pub width: Option<usize>,
     pub num_inference_steps: usize,
     pub guidance_scale: f64,
+    /// diffusers' `true_cfg_scale` (Flux: classifier-free guidance with a negative prompt only
+    /// above 1).
+    pub true_cfg_scale: f64,
     pub num_images_per_prompt: usize,
     pub seed: u64,
     pub output_type: OutputType,
@@ -40,6 +43,7 @@ impl Default for GenerateParams {
             width: None,
             num_inference_steps: DEFAULT_NUM_INFERENCE_STEPS,
             guidance_scale: DEFAULT_GUIDANCE_SCALE,
+            true_cfg_scale: 1.0,
             num_images_per_prompt: 1,
             seed: DEFAULT_SEED,
             output_type: OutputType::Pil,
@@ -60,14 +64,13 @@ impl GenerateParams {
             width: self.width,
             num_inference_steps: self.num_inference_steps,
             guidance_scale: self.guidance_scale,
+            true_cfg_scale: self.true_cfg_scale,
             num_images_per_prompt: self.num_images_per_prompt,
             seed: self.seed,
             output_type: self.output_type,
             max_sequence_length: self.max_sequence_length,
             use_resolution_binning: self.use_resolution_binning,
             latents: None,
-            // Fields neither front end sets keep the engine's defaults.
-            ..InputConfig::default()
         };
         input.validate(SIZE_MULTIPLE)?;
         Ok(input)

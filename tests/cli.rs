@@ -1023,6 +1023,67 @@ fn sd3_ulysses_degree_must_divide_the_heads() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Flux
+// ---------------------------------------------------------------------------------------------
+
+fn flux_dev_dir() -> PathBuf {
+    fixtures_dir().join("flux/tiny-flux-dev")
+}
+
+/// The Flux golden `dev_true_cfg` through the CLI (`--true-cfg-scale` with a negative prompt):
+/// unpacked (1, 16, 8, 8) latents within 1e-4 of diffusers'.
+#[test]
+fn flux_true_cfg_latents_match_the_golden() {
+    let out = TempDir::new("flux-latent");
+    let args: Vec<String> = [
+        "generate",
+        "--model",
+        &flux_dev_dir().to_string_lossy(),
+        "--prompt",
+        "a photo of a boat on the river",
+        "--negative-prompt",
+        "blurry",
+        "--true-cfg-scale",
+        "4",
+        "--guidance-scale",
+        "3.5",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--num-inference-steps",
+        "3",
+        "--seed",
+        "3",
+        "--max-sequence-length",
+        "16",
+        "--output-type",
+        "latent",
+        "--quiet",
+        "--output-dir",
+        &out.path().to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let latents = latents_run(&args, out.path(), "tiny-flux-dev");
+    assert_eq!(latents.dims(), [1, 16, 8, 8]);
+    let golden =
+        load_goldens(&fixtures_dir().join("flux/goldens/dev_true_cfg.safetensors")).unwrap();
+    assert_latents_match("flux dev_true_cfg", &latents, &golden["latents"]);
+}
+
+/// Flux has no classifier-free guidance unless true CFG is asked for: CFG parallel says so.
+#[test]
+fn flux_cfg_parallel_needs_true_cfg() {
+    refused(
+        &flux_dev_dir().to_string_lossy(),
+        &["--use-cfg-parallel"],
+        &["--true-cfg-scale", "--negative-prompt"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Step cache
 // ---------------------------------------------------------------------------------------------
 
@@ -1090,6 +1151,8 @@ fn list_prints_the_registry() {
         "PixArtTransformer2DModel",
         "StableDiffusion3Pipeline",
         "SD3Transformer2DModel",
+        "FluxPipeline",
+        "FluxTransformer2DModel",
         "FlowMatchEulerDiscreteScheduler",
         "schedulers:",
         "DPMSolverMultistepScheduler",

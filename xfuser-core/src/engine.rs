@@ -231,6 +231,11 @@ pub struct InputConfig {
     pub width: Option<usize>,
     pub num_inference_steps: usize,
     pub guidance_scale: f64,
+    /// diffusers' `true_cfg_scale` (Flux): classifier-free guidance with the negative
+    /// prompt at this scale, used only when it is above 1 and `negative_prompt` is not
+    /// empty (then the pipeline runs a CFG batch); 1.0, the default, turns it off. Flux's
+    /// `guidance_scale` is its embedded guidance instead. Other pipelines ignore it.
+    pub true_cfg_scale: f64,
     pub num_images_per_prompt: usize,
     pub seed: u64,
     pub output_type: OutputType,
@@ -250,6 +255,7 @@ impl Default for InputConfig {
             width: None,
             num_inference_steps: 20,
             guidance_scale: 4.5,
+            true_cfg_scale: 1.0,
             num_images_per_prompt: 1,
             seed: 42,
             output_type: OutputType::Pil,
@@ -277,6 +283,9 @@ impl InputConfig {
         }
         if !self.guidance_scale.is_finite() {
             return Err(Error::invalid("--guidance-scale must be a finite number"));
+        }
+        if !self.true_cfg_scale.is_finite() {
+            return Err(Error::invalid("--true-cfg-scale must be a finite number"));
         }
         for (name, value) in [("--height", self.height), ("--width", self.width)] {
             if let Some(v) = value {

@@ -13,6 +13,9 @@ use crate::{Error, Result};
 pub struct TimestepOptions {
     /// The shift of a dynamically shifted schedule (Flux: from the image's token count).
     pub mu: Option<f64>,
+    /// Custom sigmas, one per step (diffusers' `sigmas=`; FluxPipeline passes
+    /// `linspace(1, 1 / n, n)`). Only flow-matching schedules take them.
+    pub sigmas: Option<Vec<f64>>,
 }
 
 /// What a scheduler remembers between steps of one sample (or of one patch of it).
@@ -43,6 +46,12 @@ pub trait Scheduler: Send + Sync {
         if let Some(mu) = options.mu {
             return Err(Error::invalid(format!(
                 "{} takes no `mu` (given {mu}): only dynamically shifted schedules do",
+                self.class_name()
+            )));
+        }
+        if options.sigmas.is_some() {
+            return Err(Error::invalid(format!(
+                "{} takes no custom `sigmas`: only flow-matching schedules do",
                 self.class_name()
             )));
         }

@@ -6,6 +6,7 @@ pub mod denoise;
 pub mod hub;
 pub mod image;
 pub mod pipefusion;
+pub mod pipeline_flux;
 pub mod pipeline_pixart_alpha;
 pub mod pipeline_pixart_sigma;
 pub mod pipeline_stable_diffusion_3;
@@ -15,6 +16,7 @@ pub mod step_cache;
 pub mod text;
 pub mod vae;
 
+pub use pipeline_flux::xFuserFluxPipeline;
 pub use pipeline_pixart_alpha::{xFuserPixArtAlphaPipeline, PixArtPipeline};
 pub use pipeline_pixart_sigma::xFuserPixArtSigmaPipeline;
 pub use pipeline_stable_diffusion_3::xFuserStableDiffusion3Pipeline;

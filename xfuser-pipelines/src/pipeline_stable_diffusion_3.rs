@@ -350,6 +350,7 @@ impl DenoisingPipeline for StableDiffusion3Pipeline {
                     * (plan.width / scale / info.patch_size);
                 self.shift.mu(tokens)
             }),
+            ..Default::default()
         };
         scheduler.set_timesteps_with(input.num_inference_steps, &options)?;
         let latents = (latents * scheduler.init_noise_sigma())?;

@@ -188,6 +188,106 @@ impl FlowMatchEulerDiscreteScheduler {
             mu / (mu + (1.0 / t - 1.0))
         }
     }
+
+    /// `time_shift` on a float32 sigma as numpy computes it on a float32 array (a Python
+    /// float operand is rounded to float32, every operation in float32).
+    fn time_shift_f32(&self, mu: f64, t: f32) -> f32 {
+        let m = if self.exponential_time_shift {
+            mu.exp() as f32
+        } else {
+            mu as f32
+        };
+        m / (m + (1.0 / t - 1.0))
+    }
+
+    /// The shifted, stretched sigmas of `n` steps: from the default linear schedule (in
+    /// float64, as numpy's linspace), or from custom sigmas (cast to float32 first, the shifts
+    /// then in float32, as diffusers computes on that array).
+    fn shifted_sigmas(&self, n: usize, custom: Option<&[f64]>) -> Result<Vec<f64>> {
+        let mu = if self.config.use_dynamic_shifting {
+            Some(self.mu.ok_or_else(|| {
+                Error::invalid(format!(
+                    "{CLASS_NAME}: use_dynamic_shifting needs mu: call set_mu (or set_timesteps_with_mu)"
+                ))
+            })?)
+        } else {
+            None
+        };
+        let terminal = self.config.shift_terminal.filter(|&t| t != 0.0);
+        if let Some(custom) = custom {
+            let mut sigmas: Vec<f32> = custom.iter().map(|&s| s as f32).collect();
+            match mu {
+                Some(mu) => sigmas
+                    .iter_mut()
+                    .for_each(|s| *s = self.time_shift_f32(mu, *s)),
+                None => {
+                    let (shift, shift_m1) =
+                        (self.config.shift as f32, (self.config.shift - 1.0) as f32);
+                    sigmas
+                        .iter_mut()
+                        .for_each(|s| *s = shift * *s / (1.0 + shift_m1 * *s));
+                }
+            }
+            if let Some(terminal) = terminal {
+                let scale = (1.0 - sigmas[n - 1]) / (1.0 - terminal) as f32;
+                sigmas
+                    .iter_mut()
+                    .for_each(|s| *s = 1.0 - (1.0 - *s) / scale);
+            }
+            return Ok(sigmas.into_iter().map(f64::from).collect());
+        }
+        let train = self.config.num_train_timesteps as f64;
+        let mut sigmas: Vec<f64> =
+            su::numpy_linspace(self.sigma_max * train, self.sigma_min * train, n)
+                .into_iter()
+                .map(|t| t / train)
+                .collect();
+        match mu {
+            Some(mu) => {
+                sigmas = sigmas.into_iter().map(|s| self.time_shift(mu, s)).collect();
+            }
+            None => {
+                let shift = self.config.shift;
+                sigmas = sigmas
+                    .into_iter()
+                    .map(|s| shift * s / (1.0 + (shift - 1.0) * s))
+                    .collect();
+            }
+        }
+        if let Some(terminal) = terminal {
+            let scale = (1.0 - sigmas[n - 1]) / (1.0 - terminal);
+            sigmas = sigmas
+                .into_iter()
+                .map(|s| 1.0 - (1.0 - s) / scale)
+                .collect();
+        }
+        Ok(sigmas)
+    }
+
+    /// diffusers' `set_timesteps(n, sigmas=custom)`.
+    fn schedule(&mut self, num_inference_steps: usize, custom: Option<&[f64]>) -> Result<()> {
+        if num_inference_steps == 0 {
+            return Err(Error::invalid(format!(
+                "{CLASS_NAME}: num_inference_steps must be > 0"
+            )));
+        }
+        let n = num_inference_steps;
+        let mut sigmas = self.shifted_sigmas(n, custom)?;
+        if self.config.use_karras_sigmas {
+            sigmas = su::karras_sigmas(sigmas[n - 1], sigmas[0], n);
+        } else if self.config.use_exponential_sigmas {
+            sigmas = su::exponential_sigmas(sigmas[n - 1], sigmas[0], n);
+        }
+        let mut sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
+        let train32 = self.config.num_train_timesteps as f32;
+        if self.config.invert_sigmas {
+            sigmas.iter_mut().for_each(|s| *s = 1.0 - *s);
+        }
+        self.timesteps = sigmas.iter().map(|&s| (s * train32) as f64).collect();
+        sigmas.push(if self.config.invert_sigmas { 1.0 } else { 0.0 });
+        self.sigmas = sigmas;
+        Ok(())
+    }
 }
 
 impl Scheduler for FlowMatchEulerDiscreteScheduler {
@@ -203,57 +303,22 @@ impl Scheduler for FlowMatchEulerDiscreteScheduler {
         if let Some(mu) = options.mu {
             self.set_mu(mu);
         }
-        self.set_timesteps(num_inference_steps)
+        match &options.sigmas {
+            None => self.set_timesteps(num_inference_steps),
+            Some(custom) => {
+                if custom.len() != num_inference_steps {
+                    return Err(Error::invalid(format!(
+                        "{CLASS_NAME}: {} custom sigmas for {num_inference_steps} steps",
+                        custom.len()
+                    )));
+                }
+                self.schedule(num_inference_steps, Some(custom))
+            }
+        }
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        if num_inference_steps == 0 {
-            return Err(Error::invalid(format!(
-                "{CLASS_NAME}: num_inference_steps must be > 0"
-            )));
-        }
-        let n = num_inference_steps;
-        let train = self.config.num_train_timesteps as f64;
-        let mut sigmas: Vec<f64> =
-            su::numpy_linspace(self.sigma_max * train, self.sigma_min * train, n)
-                .into_iter()
-                .map(|t| t / train)
-                .collect();
-        if self.config.use_dynamic_shifting {
-            let mu = self.mu.ok_or_else(|| {
-                Error::invalid(format!(
-                    "{CLASS_NAME}: use_dynamic_shifting needs mu: call set_mu (or set_timesteps_with_mu)"
-                ))
-            })?;
-            sigmas = sigmas.into_iter().map(|s| self.time_shift(mu, s)).collect();
-        } else {
-            let shift = self.config.shift;
-            sigmas = sigmas
-                .into_iter()
-                .map(|s| shift * s / (1.0 + (shift - 1.0) * s))
-                .collect();
-        }
-        if let Some(terminal) = self.config.shift_terminal.filter(|&t| t != 0.0) {
-            let scale = (1.0 - sigmas[n - 1]) / (1.0 - terminal);
-            sigmas = sigmas
-                .into_iter()
-                .map(|s| 1.0 - (1.0 - s) / scale)
-                .collect();
-        }
-        if self.config.use_karras_sigmas {
-            sigmas = su::karras_sigmas(sigmas[n - 1], sigmas[0], n);
-        } else if self.config.use_exponential_sigmas {
-            sigmas = su::exponential_sigmas(sigmas[n - 1], sigmas[0], n);
-        }
-        let mut sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
-        let train32 = self.config.num_train_timesteps as f32;
-        if self.config.invert_sigmas {
-            sigmas.iter_mut().for_each(|s| *s = 1.0 - *s);
-        }
-        self.timesteps = sigmas.iter().map(|&s| (s * train32) as f64).collect();
-        sigmas.push(if self.config.invert_sigmas { 1.0 } else { 0.0 });
-        self.sigmas = sigmas;
-        Ok(())
+        self.schedule(num_inference_steps, None)
     }
 
     fn timesteps(&self) -> &[f64] {

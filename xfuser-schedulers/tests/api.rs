@@ -193,3 +193,64 @@ fn patches_with_their_own_state_equal_the_whole_latent() {
         assert_eq!(diff, 0.0, "{config}");
     }
 }
+
+/// diffusers' `set_timesteps(n, sigmas=..., mu=...)` (FluxPipeline's): the custom sigmas cast
+/// to float32, shifted in float32, timesteps sigma · 1000; other schedulers refuse them.
+#[test]
+fn custom_sigmas_are_shifted_in_f32() {
+    use xfuser_core::scheduler::TimestepOptions;
+    let mut s = build(json!({
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "use_dynamic_shifting": true,
+        "shift": 3.0,
+    }))
+    .unwrap();
+    let custom = vec![1.0, 0.75, 0.5, 0.25];
+    let mu = 0.6_f64;
+    let options = TimestepOptions {
+        mu: Some(mu),
+        sigmas: Some(custom.clone()),
+    };
+    s.set_timesteps_with(4, &options).unwrap();
+    let e = mu.exp() as f32;
+    let expected: Vec<f64> = custom
+        .iter()
+        .map(|&c| {
+            let t = c as f32;
+            ((e / (e + (1.0 / t - 1.0))) * 1000.0) as f64
+        })
+        .collect();
+    assert_eq!(s.timesteps(), expected.as_slice());
+    // Without custom sigmas the schedule differs (linspace down to sigma_min).
+    let mut default = build(json!({
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "use_dynamic_shifting": true,
+    }))
+    .unwrap();
+    let options = TimestepOptions {
+        mu: Some(mu),
+        ..Default::default()
+    };
+    default.set_timesteps_with(4, &options).unwrap();
+    assert_ne!(default.timesteps(), expected.as_slice());
+
+    let wrong = TimestepOptions {
+        mu: Some(mu),
+        sigmas: Some(vec![1.0, 0.5]),
+    };
+    let err = s.set_timesteps_with(4, &wrong).unwrap_err().to_string();
+    assert!(err.contains("2 custom sigmas for 4 steps"), "{err}");
+
+    let mut ddim = build(json!({ "_class_name": "DDIMScheduler" })).unwrap();
+    let err = ddim
+        .set_timesteps_with(
+            4,
+            &TimestepOptions {
+                sigmas: Some(custom),
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("takes no custom `sigmas`"), "{err}");
+}

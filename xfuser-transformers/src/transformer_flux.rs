@@ -18,11 +18,12 @@
 //!   `head` unpacks as `_unpack_latents`. So [`BackboneInfo`] says `patch_size` 2 and
 //!   `in_channels` / `out_channels` `config.in_channels / 4`; the config's own `patch_size`
 //!   must be 1 (every Flux checkpoint's).
-//! - **Timestep scale.** [`BackboneInputs::timestep`] is what diffusers' transformer forward
-//!   takes: the scheduler's timestep divided by 1000 (FluxPipeline passes `timestep / 1000`),
-//!   i.e. the flow-matching sigma in [0, 1]. It is multiplied by 1000 here, in the model
-//!   dtype, as diffusers does. The guidance value (`names::GUIDANCE`, the guidance scale, e.g.
-//!   3.5) is likewise multiplied by 1000.
+//! - **Timestep scale.** [`BackboneInputs::timestep`] is the scheduler's timestep (0..1000),
+//!   as for every backbone. diffusers' FluxPipeline passes `timestep / 1000` to the
+//!   transformer, which multiplies it by 1000 again; both roundings are kept here (the
+//!   division in f32, the latents' dtype, the multiplication in the model dtype), so the
+//!   result is diffusers' to the bit. The guidance value (`names::GUIDANCE`, the guidance
+//!   scale, e.g. 3.5) is passed as is and multiplied by 1000 in the model dtype.
 //! - **Conditioning.** `names::ENCODER_HIDDEN_STATES` (B, L, joint_attention_dim) (T5),
 //!   `names::POOLED_PROJECTIONS` (B, pooled_projection_dim) (CLIP), and `names::GUIDANCE`
 //!   (B,) or one value, required iff `guidance_embeds` (ignored otherwise).
@@ -835,6 +836,15 @@ impl FluxTransformer2DModel {
         Ok((t * 1000.0)?)
     }
 
+    /// The scheduler's (B,) timesteps as diffusers' Flux transformer sees them: divided by
+    /// 1000 in f32 (FluxPipeline's `timestep / 1000`, a true division as torch's), then
+    /// multiplied by 1000 in the model dtype.
+    fn scaled_timestep(&self, t: &Tensor, batch: usize) -> Result<Tensor> {
+        let t = common::batch_timesteps(t, batch)?.to_dtype(DType::F32)?;
+        let thousand = Tensor::full(1000f32, t.dims(), t.device())?;
+        self.scaled(&t.div(&thousand)?, batch)
+    }
+
     /// The conditioning part of `embed`: `temb`, the text stream and the rotary tables,
     /// around the image tokens `hidden` of a `grid`.
     fn conditioned_state(
@@ -845,7 +855,7 @@ impl FluxTransformer2DModel {
         ctx: &ForwardContext,
     ) -> Result<BlockState> {
         let batch = inputs.hidden_states.dim(0)?;
-        let timestep = self.scaled(inputs.timestep, batch)?;
+        let timestep = self.scaled_timestep(inputs.timestep, batch)?;
         let cond = inputs.conditioning;
 
         let pooled = cond.require(names::POOLED_PROJECTIONS, CLASS_NAME)?;

@@ -2,7 +2,8 @@
 //! tiny random-weight models saved by diffusers (2 double and 2 single blocks of 4 heads of
 //! 8, rotary axes (2, 2, 4); `dev` embeds the guidance), {dev,schnell}.safetensors one
 //! forward as FluxPipeline runs it, in image layout: the unpacked latent `hidden_states`, the
-//! conditioning, `timestep` on the transformer's [0, 1] scale, and the unpacked `sample`
+//! conditioning, `timestep` on the transformer's [0, 1] scale (× 1000 here: the backbone takes
+//! the scheduler's scale), and the unpacked `sample`
 //! (scripts/fixtures/flux.py). Checked here: the serial forward, the forward split at every
 //! block, PipeFusion stage pairs (split among the double and among the single blocks) passing
 //! the text stream, and the sequence-parallel forwards (Ulysses, Ring, USP, padded splits) on
@@ -39,7 +40,12 @@ fn load(model: &str) -> Box<dyn Backbone> {
 /// sp degree does not divide).
 fn case(model: &str, latent_rows: Option<usize>) -> ForwardCase {
     let file = flux_transformer_dir().join(format!("{model}.safetensors"));
-    common::forward_case(&file, &FLUX_CONDITIONING, latent_rows)
+    let mut io = common::forward_case(&file, &FLUX_CONDITIONING, latent_rows);
+    // The goldens hold diffusers' transformer scale t / 1000; the backbone takes the
+    // scheduler's t.
+    let t = (&io.tensors["timestep"] * 1000.0).unwrap();
+    io.tensors.insert("timestep".into(), t);
+    io
 }
 
 #[test]

@@ -2,7 +2,10 @@
 //! `text_encoder_2/`): transformers' `CLIPTextModelWithProjection`
 //! (`models/clip/modeling_clip.py`), with the two outputs SD3 takes from it:
 //! `hidden_states[-2]` (the output of the last-but-one layer, before the final layer norm) and
-//! `text_embeds` (the final-layer-normed state at the eos position, projected).
+//! `text_embeds` (the final-layer-normed state at the eos position, projected). The same
+//! type loads a `CLIPTextModel` folder (no `text_projection`, Flux's `text_encoder/`), whose
+//! pooled output is `pooler_output`: that state unprojected
+//! ([`ClipTextModelWithProjection::text_model_from_dir`]).
 //!
 //! Written here rather than taken from candle-transformers 0.11.1, whose two CLIP text models
 //! do not fit:
@@ -268,7 +271,8 @@ pub struct ClipTextOutput {
     /// with a clip skip), without the final layer norm: (B, L, hidden_size).
     pub penultimate: Tensor,
     /// `text_embeds`: the final-layer-normed state at the eos position, through
-    /// `text_projection`: (B, projection_dim).
+    /// `text_projection`: (B, projection_dim). For a `CLIPTextModel` (no projection),
+    /// `pooler_output`: that state itself, (B, hidden_size).
     pub pooled: Tensor,
 }
 
@@ -280,7 +284,8 @@ pub struct ClipTextModelWithProjection {
     position_embedding: Embedding,
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
-    text_projection: Linear,
+    /// None for a `CLIPTextModel`: the pooled output is then `pooler_output`.
+    text_projection: Option<Linear>,
     config: ClipTextConfig,
 }
 
@@ -288,8 +293,30 @@ impl ClipTextModelWithProjection {
     /// Builds the model from a state dict in transformers' names (`cfg_path` is only named in
     /// errors about the configuration).
     pub fn new(cfg: &ClipTextConfig, cfg_path: &Path, vb: VarBuilder) -> Result<Self> {
+        Self::build(cfg, cfg_path, vb, true)
+    }
+
+    /// transformers' `CLIPTextModel` from a state dict without `text_projection`: `pooled`
+    /// is its `pooler_output`, (B, hidden_size).
+    pub fn new_text_model(cfg: &ClipTextConfig, cfg_path: &Path, vb: VarBuilder) -> Result<Self> {
+        Self::build(cfg, cfg_path, vb, false)
+    }
+
+    fn build(
+        cfg: &ClipTextConfig,
+        cfg_path: &Path,
+        vb: VarBuilder,
+        projection: bool,
+    ) -> Result<Self> {
         let activation = cfg.activation(cfg_path)?;
-        let text = vb.pp("text_model");
+        // transformers 4 saves a CLIPTextModel's weights under `text_model.` (as the Flux
+        // repositories ship them), transformers 5 without that prefix: both load.
+        let text =
+            if projection || vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+                vb.pp("text_model")
+            } else {
+                vb.clone()
+            };
         let embeddings = text.pp("embeddings");
         let d = cfg.hidden_size;
         let token_embedding = embedding(cfg.vocab_size, d, embeddings.pp("token_embedding"))?;
@@ -304,7 +331,15 @@ impl ClipTextModelWithProjection {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let final_layer_norm = layer_norm(d, cfg.layer_norm_eps, text.pp("final_layer_norm"))?;
-        let text_projection = linear_no_bias(d, cfg.projection_dim, vb.pp("text_projection"))?;
+        let text_projection = if projection {
+            Some(linear_no_bias(
+                d,
+                cfg.projection_dim,
+                vb.pp("text_projection"),
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             token_embedding,
             position_embedding,
@@ -318,11 +353,21 @@ impl ClipTextModelWithProjection {
     /// A `text_encoder/` folder: `config.json` and `model.safetensors` (or its sharded index).
     /// Errors name the file: the config and its field, or the weights and the tensor.
     pub fn from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_dir(dir, dtype, device, true)
+    }
+
+    /// A `CLIPTextModel` folder (Flux's `text_encoder/`): as [`from_dir`](Self::from_dir),
+    /// without `text_projection`; `pooled` is `pooler_output`.
+    pub fn text_model_from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_dir(dir, dtype, device, false)
+    }
+
+    fn load_dir(dir: &Path, dtype: DType, device: &Device, projection: bool) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let cfg = ClipTextConfig::read(&cfg_path)?;
         let weights = WeightFiles::find(dir, "model")?;
         let vb = weights.var_builder(dtype, device)?;
-        Self::new(&cfg, &cfg_path, vb).map_err(|e| match e {
+        Self::build(&cfg, &cfg_path, vb, projection).map_err(|e| match e {
             Error::Candle(e) => weights.error(e),
             other => other,
         })
@@ -389,7 +434,10 @@ impl ClipTextModelWithProjection {
         let pooled = last
             .reshape((b * l, self.config.hidden_size))?
             .index_select(&rows, 0)?;
-        let pooled = self.text_projection.forward(&pooled)?;
+        let pooled = match &self.text_projection {
+            Some(projection) => projection.forward(&pooled)?,
+            None => pooled,
+        };
         Ok(ClipTextOutput {
             penultimate,
             pooled,
