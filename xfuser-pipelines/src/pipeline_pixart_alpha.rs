@@ -24,6 +24,7 @@ use xfuser_core::{Error, Result};
 use crate::binning::{classify_height_width_bin, resize_and_crop_tensor, AspectRatioBin};
 use crate::denoise::Guidance;
 use crate::image::{postprocess_u8, u8_to_rgb};
+use crate::pipeline_utils::read_model_index;
 use crate::runtime::{
     encode_sides, initial_latents, DenoiseJob, DenoisingPipeline, DiTRuntime, RunShape,
 };
@@ -93,23 +94,17 @@ impl PixArtPipeline {
     /// Loads every component of the diffusers folder `dir` (tokenizer, text_encoder,
     /// transformer, scheduler, vae).
     pub fn load(spec: &'static PixArtSpec, dir: &Path, engine: &EngineConfig) -> Result<Self> {
-        let index = dir.join("model_index.json");
-        let components = xfuser_core::config::read_json_value(&index)?;
-        for name in [
-            "tokenizer",
-            "text_encoder",
-            "transformer",
-            "scheduler",
-            "vae",
-        ] {
-            if components.get(name).is_none() {
-                return Err(Error::Config {
-                    file: index.clone(),
-                    field: name.into(),
-                    message: format!("missing component `{name}` required by {}", spec.class_name),
-                });
-            }
-        }
+        read_model_index(
+            dir,
+            spec.class_name,
+            &[
+                "tokenizer",
+                "text_encoder",
+                "transformer",
+                "scheduler",
+                "vae",
+            ],
+        )?;
         let (dtype, device) = (engine.model.dtype, engine.model.device.clone());
         // The degrees are checked against the configs before any weights are read.
         let vae_scale_factor = VaeConfig::load(&dir.join("vae/config.json"))?.vae_scale_factor();

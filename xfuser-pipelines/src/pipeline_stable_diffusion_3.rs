@@ -24,6 +24,7 @@ use xfuser_core::{Error, Result};
 
 use crate::denoise::Guidance;
 use crate::image::{postprocess_u8, u8_to_rgb};
+use crate::pipeline_utils::{has_component, read_model_index};
 use crate::runtime::{
     encode_sides, initial_latents, DenoiseJob, DenoisingPipeline, DiTRuntime, RunShape,
 };
@@ -129,36 +130,22 @@ pub struct Sd3PromptEmbeds {
     pub pooled_prompt_embeds: Tensor,
 }
 
-/// Whether `model_index.json` names a component (`[library, class]`, not `[null, null]`).
-fn has_component(index: &serde_json::Value, name: &str) -> bool {
-    index
-        .get(name)
-        .and_then(|v| v.as_array())
-        .is_some_and(|a| a.iter().any(|x| !x.is_null()))
-}
-
 impl StableDiffusion3Pipeline {
     /// Loads every component of the diffusers folder `dir`.
     pub fn load(dir: &Path, engine: &EngineConfig) -> Result<Self> {
-        let index_file = dir.join("model_index.json");
-        let index = xfuser_core::config::read_json_value(&index_file)?;
-        for name in [
-            "tokenizer",
-            "tokenizer_2",
-            "text_encoder",
-            "text_encoder_2",
-            "transformer",
-            "scheduler",
-            "vae",
-        ] {
-            if !has_component(&index, name) {
-                return Err(Error::Config {
-                    file: index_file.clone(),
-                    field: name.into(),
-                    message: format!("missing component `{name}` required by {CLASS_NAME}"),
-                });
-            }
-        }
+        let index = read_model_index(
+            dir,
+            CLASS_NAME,
+            &[
+                "tokenizer",
+                "tokenizer_2",
+                "text_encoder",
+                "text_encoder_2",
+                "transformer",
+                "scheduler",
+                "vae",
+            ],
+        )?;
         let (dtype, device) = (engine.model.dtype, engine.model.device.clone());
         // The degrees are checked against the configs before any weights are read.
         let vae_scale_factor = VaeConfig::load(&dir.join("vae/config.json"))?.vae_scale_factor();
@@ -368,10 +355,7 @@ impl DenoisingPipeline for StableDiffusion3Pipeline {
 
     /// `vae.decode(latents / scaling_factor + shift_factor)`, to 8-bit RGB.
     fn decode(&self, _plan: &Sd3Plan, latents: &Tensor) -> Result<Vec<RgbImage>> {
-        let config = self.vae.config();
-        let z = (latents.to_dtype(self.vae.dtype())? / config.scaling_factor)?;
-        let z = (z + config.shift_factor.unwrap_or(0.0))?;
-        let images = self.vae.decode(&z)?;
+        let images = self.vae.decode_shifted_latents(latents)?;
         u8_to_rgb(&postprocess_u8(&images.to_dtype(DType::F32)?)?)
     }
 }

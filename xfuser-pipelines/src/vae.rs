@@ -278,6 +278,15 @@ impl AutoencoderKL {
         Ok(Tensor::cat(&images, 0)?)
     }
 
+    /// What diffusers' SD3 and Flux pipelines do with the final latents:
+    /// `vae.decode(latents / scaling_factor + shift_factor)` (no shift when the config has
+    /// none), an image in [-1, 1] space.
+    pub fn decode_shifted_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let z = (latents.to_dtype(self.dtype)? / self.config.scaling_factor)?;
+        let z = (z + self.config.shift_factor.unwrap_or(0.0))?;
+        self.decode(&z)
+    }
+
     /// What diffusers' PixArt-α/Σ pipelines do with the final latents:
     /// `vae.decode(latents / scaling_factor)`, an image in [-1, 1] space (unclamped),
     /// (B, latent_channels, h, w) -> (B, 3, h * f, w * f). `shift_factor` is not applied,
