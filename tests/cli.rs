@@ -1073,6 +1073,34 @@ fn flux_true_cfg_latents_match_the_golden() {
     assert_latents_match("flux dev_true_cfg", &latents, &golden["latents"]);
 }
 
+/// Flux packs 2×2 latent patches: a height that is a multiple of 8 but not of 16 is refused.
+#[test]
+fn flux_height_must_be_a_multiple_of_16() {
+    refused(
+        &flux_dev_dir().to_string_lossy(),
+        &["--height", "72", "--no-use-resolution-binning"],
+        &["--height 72", "16"],
+    );
+}
+
+/// A Flux folder whose model_index.json lacks text_encoder_2 is refused, naming it.
+#[test]
+fn flux_without_text_encoder_2_is_refused() {
+    let tmp = TempDir::new("flux-no-t5");
+    let dir = tmp.join("model");
+    copy_dir(&flux_dev_dir(), &dir).unwrap();
+    let index = dir.join("model_index.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    json["text_encoder_2"] = serde_json::json!([null, null]);
+    std::fs::write(&index, json.to_string()).unwrap();
+    refused(
+        &dir.to_string_lossy(),
+        &[],
+        &["text_encoder_2", "FluxPipeline"],
+    );
+}
+
 /// Flux has no classifier-free guidance unless true CFG is asked for: CFG parallel says so.
 #[test]
 fn flux_cfg_parallel_needs_true_cfg() {

@@ -97,6 +97,16 @@ fn ring() {
 }
 
 /// 3 token rows over 2 ring ranks: the second rank holds one row and padding.
+/// 4 token rows over 4 ring ranks: one row each.
+#[test]
+fn ring_4() {
+    check_against_serial(
+        "ring 4",
+        degrees(1, false, 1, 4),
+        input(&["a red cat"], 64, 96),
+    );
+}
+
 #[test]
 fn ring_with_padding() {
     check_against_serial(
