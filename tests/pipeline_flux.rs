@@ -158,6 +158,30 @@ fn dev_true_cfg() {
     check_pipeline("dev_true_cfg");
 }
 
+/// 3 token rows: serially, and over 2 ring ranks (padded) and 4 Ulysses×Ring ranks, against
+/// diffusers' latents.
+#[test]
+fn dev_odd_rows() {
+    check_pipeline("dev_odd_rows");
+    let case = case("dev_odd_rows");
+    let golden = load_goldens(&flux_dir().join("goldens/dev_odd_rows.safetensors")).unwrap();
+    for (ulysses, ring) in [(1, 2), (2, 2)] {
+        let mut engine = EngineConfig::new(flux_dir().join(&case.model).to_string_lossy());
+        engine.parallel = ParallelConfig {
+            ulysses_degree: ulysses,
+            ring_degree: ring,
+            ..Default::default()
+        };
+        let pipeline = xFuserPipeline::from_pretrained(&engine).unwrap();
+        let out = pipeline
+            .generate(&input(&case, OutputType::Latent), &mut |_, _| {})
+            .unwrap();
+        let err = rel_l2(&out.latents, &golden["latents"]).unwrap();
+        println!("dev_odd_rows, ulysses {ulysses} ring {ring}: latents rel L2 {err:.3e}");
+        assert!(err <= 1e-4, "ulysses {ulysses} ring {ring}: {err:.3e}");
+    }
+}
+
 /// A copy of a fixture pipeline in the temp dir, removed on drop.
 struct TempModel {
     dir: PathBuf,
