@@ -6,10 +6,13 @@ ratio rust/torch as the last line.
     .venv/bin/python scripts/bench_compare.py pixart-forward --rounds 3
     .venv/bin/python scripts/bench_compare.py pipeline --rounds 3 -- --steps 20
     .venv/bin/python scripts/bench_compare.py sd3-forward --rounds 3
+    .venv/bin/python scripts/bench_compare.py flux-forward --rounds 3 -- --iters 1
 
 `sd3-forward` compares one SD3Transformer2DModel forward at SD3-medium width (24 blocks,
 hidden 1536, 256 px, batch 2, 333 text tokens; shrink with e.g. `-- --layers 2`), as
-`pixart-forward` does PixArt's.
+`pixart-forward` does PixArt's. `flux-forward` compares one FluxTransformer2DModel forward at
+Flux.1-dev width (hidden 3072, 2 double + 4 single blocks by default, 256 px, batch 1, 512
+text tokens; change with e.g. `-- --double-layers 1 --single-layers 2 --text-len 256`).
 
 `parallel` compares the parallel loops with the serial one instead, all in Rust: each round
 runs `xfuser-bench pipeline` and then `xfuser-bench parallel --mode M` for every mode of
@@ -67,7 +70,8 @@ def main():
         argv, extra = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command",
-                   choices=["pixart-forward", "sd3-forward", "pipeline", "gemm-floor", "parallel"])
+                   choices=["pixart-forward", "sd3-forward", "flux-forward", "pipeline", "gemm-floor",
+                            "parallel"])
     p.add_argument("--modes", default="cfg,ulysses,ring,pipefusion",
                    help="parallel: the --mode values to compare with the serial loop")
     p.add_argument("--world", type=int, default=2, help="parallel: rank threads")

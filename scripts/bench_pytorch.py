@@ -5,6 +5,7 @@
     python scripts/bench_pytorch.py pipeline --resolution 256 --steps 20
     python scripts/bench_pytorch.py gemm-floor --resolution 256 --batch 2 --layers 28
     python scripts/bench_pytorch.py sd3-forward --resolution 256 --batch 2 --layers 24
+    python scripts/bench_pytorch.py flux-forward --resolution 256 --double-layers 2 --single-layers 4
 
 Same config and shapes as the Rust side: full-size PixArt-α (16 heads x 72, caption 4096,
 patch 2, 4 -> 8 channels), sample_size = resolution/8 unless --sample-size, random weights,
@@ -15,6 +16,12 @@ patch 2, 4 -> 8 channels), sample_size = resolution/8 unless --sample-size, rand
 24 heads x 64, joint_attention_dim 4096, pooled 2048, patch 2, 16 channels,
 pos_embed_max_size 192, sample_size 128 unless --sample-size), 77 + 256 = 333 text tokens
 unless --text-len, as `xfuser-bench sd3-forward`.
+
+`flux-forward` is diffusers' FluxTransformer2DModel at Flux.1-dev width (24 heads x 128,
+joint_attention_dim 4096, pooled 768, in_channels 64, axes_dims_rope (16, 56, 56),
+guidance_embeds) with --double-layers 2 and --single-layers 4 by default, batch 1, 512 text
+tokens unless --text-len; its inputs are built as FluxPipeline builds them (packed latents,
+img_ids / txt_ids, timestep / 1000, guidance 3.5), as `xfuser-bench flux-forward`.
 """
 
 import argparse
@@ -242,6 +249,131 @@ def sd3_forward(args):
     print(f"torch_seconds={med:.4f}")
 
 
+def flux_config(args):
+    """Flux.1-dev (black-forest-labs/FLUX.1-dev) with --double-layers / --single-layers."""
+    return dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=args.double_layers,
+        num_single_layers=args.single_layers,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )
+
+
+def flux_gemms(args):
+    """Every matrix product of a Flux forward, as xfuser-bench's flux::forward_gemms lists
+    them (every block's attention has all N + L queries)."""
+    cfg = flux_config(args)
+    b, l = args.batch, args.text_len
+    dl, sl = args.double_layers, args.single_layers
+    h, dh = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    d = h * dh
+    mlp = 4 * d
+    n = (args.resolution // 8 // 2) ** 2
+    s = n + l
+    return [
+        ("double image q,k,v,out N.D.D", 4 * dl, 1, b * n, d, d),
+        ("double text q,k,v,out L.D.D", 4 * dl, 1, b * l, d, d),
+        ("double attn q.kT", dl, b * h, s, dh, s),
+        ("double attn p.v", dl, b * h, s, s, dh),
+        ("double image ff up N.D.4D", dl, 1, b * n, d, 4 * d),
+        ("double image ff down N.4D.D", dl, 1, b * n, 4 * d, d),
+        ("double text ff up L.D.4D", dl, 1, b * l, d, 4 * d),
+        ("double text ff down L.4D.D", dl, 1, b * l, 4 * d, d),
+        ("double adaLN norm1 D.6D", dl, 1, b, d, 6 * d),
+        ("double adaLN norm1_context D.6D", dl, 1, b, d, 6 * d),
+        ("single q,k,v S.D.3D", sl, 1, b * s, d, 3 * d),
+        ("single proj_mlp S.D.4D", sl, 1, b * s, d, mlp),
+        ("single attn q.kT", sl, b * h, s, dh, s),
+        ("single attn p.v", sl, b * h, s, s, dh),
+        ("single proj_out S.5D.D", sl, 1, b * s, d + mlp, d),
+        ("single adaLN norm D.3D", sl, 1, b, d, 3 * d),
+        ("x_embedder", 1, 1, b * n, cfg["in_channels"], d),
+        ("context_embedder", 1, 1, b * l, cfg["joint_attention_dim"], d),
+        ("timestep mlp", 1, 1, b, 256, d),
+        ("timestep mlp 2", 1, 1, b, d, d),
+        ("guidance mlp", 1, 1, b, 256, d),
+        ("guidance mlp 2", 1, 1, b, d, d),
+        ("pooled text mlp", 1, 1, b, cfg["pooled_projection_dim"], d),
+        ("pooled text mlp 2", 1, 1, b, d, d),
+        ("norm_out D.2D", 1, 1, b, d, 2 * d),
+        ("proj_out", 1, 1, b * n, d, cfg["in_channels"]),
+    ]
+
+
+def flux_forward(args):
+    """One FluxTransformer2DModel forward with FluxPipeline's inputs: packed latents,
+    img_ids / txt_ids, timestep / 1000, the guidance value; random init, a new text tensor
+    per forward."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = FluxTransformer2DModel(**flux_config(args)).eval()
+    cfg = model.config
+    flops = flops_of(flux_gemms(args))
+    print(f"model built in {time.perf_counter() - t0:.1f}s: {args.double_layers} double + "
+          f"{args.single_layers} single blocks, {args.text_len} text tokens, "
+          f"{flops / 1e9:.1f} GFLOP per forward", file=sys.stderr)
+    gen = torch.Generator().manual_seed(1)
+    lat = args.resolution // 8
+    b = args.batch
+    c = cfg.in_channels // 4
+    latent = uniform((b, c, lat, lat), gen)
+    # FluxPipeline._pack_latents: 2x2 latent pixels per token, (channel, row, col) order.
+    packed = latent.view(b, c, lat // 2, 2, lat // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    packed = packed.reshape(b, (lat // 2) * (lat // 2), c * 4)
+    # FluxPipeline._prepare_latent_image_ids: (0, row, col) per token; text ids are zeros.
+    img_ids = torch.zeros(lat // 2, lat // 2, 3)
+    img_ids[..., 1] = img_ids[..., 1] + torch.arange(lat // 2)[:, None]
+    img_ids[..., 2] = img_ids[..., 2] + torch.arange(lat // 2)[None, :]
+    img_ids = img_ids.reshape(-1, 3)
+    txt_ids = torch.zeros(args.text_len, 3)
+    text = uniform((b, args.text_len, cfg.joint_attention_dim), gen)
+    pooled = uniform((b, cfg.pooled_projection_dim), gen)
+    timestep = torch.full((b,), 999.0)
+    guidance = torch.full((b,), args.guidance)
+
+    def run(text):
+        return model(
+            hidden_states=packed,
+            timestep=timestep / 1000,
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=text,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            run(text.clone())
+        times = []
+        for i in range(args.iters):
+            fresh = text.clone()
+            t = time.perf_counter()
+            out = run(fresh)
+            s = time.perf_counter() - t
+            print(f"forward {i}: {s:.4f}s, output {list(out.shape)}", file=sys.stderr)
+            times.append(s)
+    med = statistics.median(times)
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"peak RSS {rss:.0f} MiB", file=sys.stderr)
+    except ImportError:
+        pass
+    print(f"gflops={flops / med / 1e9:.2f}")
+    print(f"torch_seconds={med:.4f}")
+
+
 def pipeline(args):
     """diffusers' PixArtAlphaPipeline denoising loop (CFG, DPM-Solver++), given the embeddings."""
     from diffusers import DPMSolverMultistepScheduler
@@ -334,14 +466,17 @@ def gemm_floor(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["pixart-forward", "sd3-forward", "pipeline", "gemm-floor"])
+    p.add_argument("command", choices=["pixart-forward", "sd3-forward", "flux-forward", "pipeline", "gemm-floor"])
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=None, help="default: 2; flux-forward 1")
     p.add_argument("--layers", type=int, default=None,
                    help="transformer blocks (default: 28; sd3-forward 24)")
     p.add_argument("--text-len", type=int, default=None,
                    help="text tokens (default: 120; sd3-forward 77 + 256 = 333)")
     p.add_argument("--sample-size", type=int, default=None)
+    p.add_argument("--double-layers", type=int, default=2, help="flux-forward: double blocks")
+    p.add_argument("--single-layers", type=int, default=4, help="flux-forward: single blocks")
+    p.add_argument("--guidance", type=float, default=3.5, help="flux-forward: embedded guidance")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=4.5)
     p.add_argument("--warmup", type=int, default=1)
@@ -352,15 +487,19 @@ def main():
     if args.iters is None:
         args.iters = 1 if args.command == "pipeline" else 5
     sd3 = args.command == "sd3-forward"
+    flux = args.command == "flux-forward"
+    if args.batch is None:
+        args.batch = 1 if flux else 2
     if args.layers is None:
         args.layers = 24 if sd3 else 28
     if args.text_len is None:
-        args.text_len = 333 if sd3 else 120
+        args.text_len = 512 if flux else 333 if sd3 else 120
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}", file=sys.stderr)
     {
         "pixart-forward": pixart_forward,
         "sd3-forward": sd3_forward,
+        "flux-forward": flux_forward,
         "pipeline": pipeline,
         "gemm-floor": gemm_floor,
     }[args.command](args)

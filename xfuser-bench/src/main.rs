@@ -3,6 +3,8 @@
 //!
 //! - `pixart-forward`: one full-size PixArt-α transformer forward (random weights drawn here);
 //! - `sd3-forward`: one SD3 transformer (MMDiT) forward at SD3-medium width (module `sd3`);
+//! - `flux-forward`: one Flux.1-dev transformer forward at full Flux width, few blocks
+//!   (module `flux`);
 //! - `pipeline`: the denoising loop with classifier-free guidance (transformer + DPM-Solver++);
 //! - `gemm-floor`: candle's sgemm rate on the forward's matrix products and the time they need;
 //! - `parallel`: the loop on `--world` rank threads with CFG, Ulysses, Ring or PipeFusion
@@ -11,6 +13,7 @@
 //! Every timed subcommand prints `rust_seconds=<median>` and `gflops=<achieved>` as its last
 //! lines.
 
+mod flux;
 mod sd3;
 
 use std::time::Instant;
@@ -54,6 +57,8 @@ enum Command {
     PixartForward(ForwardArgs),
     /// One SD3 transformer forward at SD3-medium width: warm-up, then the median of several.
     Sd3Forward(sd3::Sd3ForwardArgs),
+    /// One Flux.1-dev transformer forward at full width, few blocks: warm-up, then the median.
+    FluxForward(flux::FluxForwardArgs),
     /// The 20-step denoising loop with CFG (transformer + DPM-Solver++).
     Pipeline(PipelineArgs),
     /// candle's sgemm GFLOP/s on the forward's matrix products, and their total time.
@@ -759,6 +764,7 @@ fn main() -> Result<()> {
     match &cli.command {
         Command::PixartForward(a) => pixart_forward(a),
         Command::Sd3Forward(a) => sd3::sd3_forward(a),
+        Command::FluxForward(a) => flux::flux_forward(a),
         Command::Pipeline(a) => pipeline(a, None),
         Command::GemmFloor(m) => gemm_floor(m),
         Command::Parallel(a) => parallel(a),
