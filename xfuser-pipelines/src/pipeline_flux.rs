@@ -26,7 +26,7 @@ use xfuser_core::{Error, Result};
 
 use crate::denoise::Guidance;
 use crate::image::{postprocess_u8, u8_to_rgb};
-use crate::pipeline_utils::read_model_index;
+use crate::pipeline_utils::{read_model_index, DynamicShift};
 use crate::runtime::{
     encode_sides, initial_latents, DenoiseJob, DenoisingPipeline, DiTRuntime, RunShape,
 };
@@ -51,49 +51,6 @@ const CLIP_MAX_LENGTH: usize = 77;
 pub const HOW_TO_ENABLE_CFG: &str = "Flux uses guidance embedding, not classifier-free \
      guidance: pass --true-cfg-scale above 1 with a --negative-prompt";
 
-/// `scheduler_config.json`'s dynamic-shift settings, with the defaults FluxPipeline's
-/// `calculate_shift` falls back to.
-#[derive(Debug, Clone, serde::Deserialize)]
-struct ShiftConfig {
-    #[serde(default)]
-    use_dynamic_shifting: bool,
-    #[serde(default = "default_base_image_seq_len")]
-    base_image_seq_len: usize,
-    #[serde(default = "default_max_image_seq_len")]
-    max_image_seq_len: usize,
-    #[serde(default = "default_base_shift")]
-    base_shift: f64,
-    #[serde(default = "default_max_shift")]
-    max_shift: f64,
-}
-
-fn default_base_image_seq_len() -> usize {
-    256
-}
-fn default_max_image_seq_len() -> usize {
-    4096
-}
-fn default_base_shift() -> f64 {
-    0.5
-}
-fn default_max_shift() -> f64 {
-    1.15
-}
-
-impl ShiftConfig {
-    /// `calculate_shift`: mu linear in the packed image's token count between the base and
-    /// max sequence lengths.
-    fn mu(&self, image_seq_len: usize) -> f64 {
-        let (x1, x2) = (
-            self.base_image_seq_len as f64,
-            self.max_image_seq_len as f64,
-        );
-        let m = (self.max_shift - self.base_shift) / (x2 - x1);
-        let b = self.base_shift - m * x1;
-        image_seq_len as f64 * m + b
-    }
-}
-
 /// The one transformer setting the pipeline reads itself.
 #[derive(Debug, Clone, serde::Deserialize)]
 struct GuidanceConfig {
@@ -110,7 +67,7 @@ pub struct FluxPipeline {
     runtime: DiTRuntime,
     guidance_embeds: bool,
     scheduler_file: PathBuf,
-    shift: ShiftConfig,
+    shift: DynamicShift,
     vae: AutoencoderKL,
     device: Device,
 }
@@ -170,7 +127,7 @@ impl FluxPipeline {
         let scheduler_file = dir.join("scheduler/scheduler_config.json");
         // Parse it now so a bad scheduler config fails at load time, not mid-generation.
         load_scheduler(&scheduler_file)?;
-        let shift: ShiftConfig = xfuser_core::config::read_json_config(&scheduler_file)?;
+        let shift = DynamicShift::read(&scheduler_file, 1.15)?;
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
             text_encoder: ClipTextModelWithProjection::text_model_from_dir(
@@ -320,14 +277,12 @@ impl DenoisingPipeline for FluxPipeline {
         let latents = initial_latents(input, shape, &mut generator, &self.device)?;
         let mut scheduler = load_scheduler(&self.scheduler_file)?;
         let steps = input.num_inference_steps;
-        let options = TimestepOptions {
-            mu: self.shift.use_dynamic_shifting.then(|| {
-                let tokens = (plan.height / scale / info.patch_size)
-                    * (plan.width / scale / info.patch_size);
-                self.shift.mu(tokens)
-            }),
-            sigmas: Some(flux_sigmas(steps)),
-        };
+        let options =
+            TimestepOptions {
+                mu: self.shift.mu((plan.height / scale / info.patch_size)
+                    * (plan.width / scale / info.patch_size)),
+                sigmas: Some(flux_sigmas(steps)),
+            };
         scheduler.set_timesteps_with(steps, &options)?;
         let latents = (latents * scheduler.init_noise_sigma())?;
         let guidance_scale = input.guidance_scale;

@@ -24,7 +24,7 @@ use xfuser_core::{Error, Result};
 
 use crate::denoise::Guidance;
 use crate::image::{postprocess_u8, u8_to_rgb};
-use crate::pipeline_utils::{has_component, read_model_index};
+use crate::pipeline_utils::{has_component, read_model_index, DynamicShift};
 use crate::runtime::{
     encode_sides, initial_latents, DenoiseJob, DenoisingPipeline, DiTRuntime, RunShape,
 };
@@ -51,49 +51,6 @@ struct T5Side {
     encoder: T5EncoderModel,
 }
 
-/// `scheduler_config.json`'s dynamic-shift settings (SD3.5 checkpoints may shift by the
-/// image's token count, as Flux does).
-#[derive(Debug, Clone, serde::Deserialize)]
-struct ShiftConfig {
-    #[serde(default)]
-    use_dynamic_shifting: bool,
-    #[serde(default = "default_base_image_seq_len")]
-    base_image_seq_len: usize,
-    #[serde(default = "default_max_image_seq_len")]
-    max_image_seq_len: usize,
-    #[serde(default = "default_base_shift")]
-    base_shift: f64,
-    #[serde(default = "default_max_shift")]
-    max_shift: f64,
-}
-
-fn default_base_image_seq_len() -> usize {
-    256
-}
-fn default_max_image_seq_len() -> usize {
-    4096
-}
-fn default_base_shift() -> f64 {
-    0.5
-}
-fn default_max_shift() -> f64 {
-    1.16
-}
-
-impl ShiftConfig {
-    /// diffusers' `calculate_shift`: mu linear in the image's token count between the base
-    /// and max sequence lengths.
-    fn mu(&self, image_seq_len: usize) -> f64 {
-        let (x1, x2) = (
-            self.base_image_seq_len as f64,
-            self.max_image_seq_len as f64,
-        );
-        let m = (self.max_shift - self.base_shift) / (x2 - x1);
-        let b = self.base_shift - m * x1;
-        image_seq_len as f64 * m + b
-    }
-}
-
 /// A loaded Stable Diffusion 3 pipeline.
 pub struct StableDiffusion3Pipeline {
     tokenizer: ClipTokenizer,
@@ -103,7 +60,7 @@ pub struct StableDiffusion3Pipeline {
     t5: Option<T5Side>,
     runtime: DiTRuntime,
     scheduler_file: PathBuf,
-    shift: ShiftConfig,
+    shift: DynamicShift,
     vae: AutoencoderKL,
     device: Device,
 }
@@ -160,7 +117,7 @@ impl StableDiffusion3Pipeline {
         let scheduler_file = dir.join("scheduler/scheduler_config.json");
         // Parse it now so a bad scheduler config fails at load time, not mid-generation.
         load_scheduler(&scheduler_file)?;
-        let shift: ShiftConfig = xfuser_core::config::read_json_config(&scheduler_file)?;
+        let shift = DynamicShift::read(&scheduler_file, 1.16)?;
         let t5 = if has_component(&index, "text_encoder_3") {
             Some(T5Side {
                 tokenizer: T5Tokenizer::from_dir(&dir.join("tokenizer_3"))?,
@@ -331,14 +288,12 @@ impl DenoisingPipeline for StableDiffusion3Pipeline {
         // diffusers draws the noise before it sets the timesteps; neither touches the other.
         let latents = initial_latents(input, shape, &mut generator, &self.device)?;
         let mut scheduler = load_scheduler(&self.scheduler_file)?;
-        let options = TimestepOptions {
-            mu: self.shift.use_dynamic_shifting.then(|| {
-                let tokens = (plan.height / scale / info.patch_size)
-                    * (plan.width / scale / info.patch_size);
-                self.shift.mu(tokens)
-            }),
-            ..Default::default()
-        };
+        let options =
+            TimestepOptions {
+                mu: self.shift.mu((plan.height / scale / info.patch_size)
+                    * (plan.width / scale / info.patch_size)),
+                ..Default::default()
+            };
         scheduler.set_timesteps_with(input.num_inference_steps, &options)?;
         let latents = (latents * scheduler.init_noise_sigma())?;
         Ok(DenoiseJob {

@@ -48,3 +48,57 @@ pub fn read_model_index(
     }
     Ok(index)
 }
+
+/// `scheduler_config.json`'s dynamic-shift settings, read by the pipelines that compute the
+/// shift `mu` themselves (SD3.5, Flux), as diffusers' `calculate_shift` reads them. Only the
+/// default of `max_shift` differs between those pipelines (SD3 1.16, Flux 1.15).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct DynamicShift {
+    #[serde(default)]
+    use_dynamic_shifting: bool,
+    #[serde(default = "default_base_image_seq_len")]
+    base_image_seq_len: usize,
+    #[serde(default = "default_max_image_seq_len")]
+    max_image_seq_len: usize,
+    #[serde(default = "default_base_shift")]
+    base_shift: f64,
+    max_shift: Option<f64>,
+    #[serde(skip)]
+    default_max_shift: f64,
+}
+
+fn default_base_image_seq_len() -> usize {
+    256
+}
+fn default_max_image_seq_len() -> usize {
+    4096
+}
+fn default_base_shift() -> f64 {
+    0.5
+}
+
+impl DynamicShift {
+    /// Reads `file` (a `scheduler_config.json`); `default_max_shift` stands in for a missing
+    /// `max_shift`, as the pipeline's `calculate_shift` default does.
+    pub fn read(file: &std::path::Path, default_max_shift: f64) -> Result<Self> {
+        let mut shift: Self = xfuser_core::config::read_json_config(file)?;
+        shift.default_max_shift = default_max_shift;
+        Ok(shift)
+    }
+
+    /// `mu` for an image of `image_seq_len` tokens (linear between the base and max sequence
+    /// lengths), or None when the schedule is not shifted dynamically.
+    pub fn mu(&self, image_seq_len: usize) -> Option<f64> {
+        if !self.use_dynamic_shifting {
+            return None;
+        }
+        let max_shift = self.max_shift.unwrap_or(self.default_max_shift);
+        let (x1, x2) = (
+            self.base_image_seq_len as f64,
+            self.max_image_seq_len as f64,
+        );
+        let m = (max_shift - self.base_shift) / (x2 - x1);
+        let b = self.base_shift - m * x1;
+        Some(image_seq_len as f64 * m + b)
+    }
+}
