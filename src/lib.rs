@@ -1,8 +1,9 @@
 //! xfuser: parallel inference for diffusion transformers. This crate re-exports the workspace
-//! and carries the `xfuser` command-line tool with its bundled tiny model, the request handling
+//! and carries the `xfuser` command line ([`cli::main`], which plugin binaries call too) with its bundled tiny model, the request handling
 //! the CLI and the HTTP server share, and the server itself.
 
 pub mod bundled;
+pub mod cli;
 pub mod request;
 pub mod serve;
 

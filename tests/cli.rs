@@ -696,6 +696,27 @@ fn unregistered_pipeline_class() {
     );
 }
 
+/// A model registered only by a plugin (DiT, examples/dit-plugin): the stock binary does not
+/// link it, so it refuses the folder and lists the pipelines it has; `xfuser-dit` runs it.
+#[test]
+fn stock_binary_refuses_a_plugin_model() {
+    let dit =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/dit-plugin/tests/fixtures/tiny-dit");
+    assert!(dit.join("model_index.json").is_file(), "{}", dit.display());
+    let line = refused(
+        &dit.to_string_lossy(),
+        &[],
+        &[
+            "unknown pipeline class `DiTPipeline`",
+            "FluxPipeline",
+            "PixArtAlphaPipeline",
+            "PixArtSigmaPipeline",
+            "StableDiffusion3Pipeline",
+        ],
+    );
+    assert!(!line.contains("DiTPipeline,"), "{line}");
+}
+
 #[test]
 fn height_not_a_multiple_of_8() {
     refused(

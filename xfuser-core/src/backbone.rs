@@ -463,6 +463,23 @@ pub trait Backbone: Send + Sync {
         ctx: &ForwardContext,
     ) -> Result<BlockState>;
 
+    /// TeaCache's signal: the first block's input after its timestep modulation (diffusers'
+    /// `norm1(hidden, emb)` of block 0, its first output), for the tokens `state` holds, as
+    /// `embed` returned it. The step cache compares it between steps; the blocks are not run.
+    /// None (the default): the model does not expose it, and TeaCache is refused for it with
+    /// that reason.
+    fn modulated_input(&self, state: &BlockState, ctx: &ForwardContext) -> Result<Option<Tensor>> {
+        let _ = (state, ctx);
+        Ok(None)
+    }
+
+    /// TeaCache's rescaling polynomial for this model (coefficients, highest power first),
+    /// fitted by TeaCache's authors from the relative change of the modulated input to that of
+    /// the model output; None (the default): the relative change is used as it is.
+    fn teacache_coefficients(&self) -> Option<&'static [f64]> {
+        None
+    }
+
     /// Final norm, projection and unpatchify: (B, N, D) -> (B, out_channels, H, W).
     fn head(&self, state: BlockState, ctx: &ForwardContext) -> Result<Tensor>;
 

@@ -16,6 +16,7 @@ impl xFuserPipeline {
     /// Builds the pipeline `engine.model.model` names (a diffusers folder or a Hub id).
     pub fn from_pretrained(engine: &EngineConfig) -> Result<Box<dyn DiffusionPipeline>> {
         engine.parallel.validate()?;
+        crate::link_stock_registrations();
         let dir = resolve_model(&engine.model.model)?;
         load_pipeline(&dir, engine)
     }

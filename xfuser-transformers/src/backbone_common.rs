@@ -5,7 +5,8 @@
 //! (the sp all-gather, the padding dropped, unpatchify).
 //!
 //! Each model keeps its own modules, conditioning and blocks; the error messages here are the
-//! ones both models gave.
+//! ones both models gave. Public so that a model outside this crate (a plugin such as
+//! examples/dit-plugin) builds on the same pieces instead of copying them.
 
 use std::ops::Range;
 use std::path::Path;
@@ -31,7 +32,7 @@ fn problem(field: &'static str, message: String) -> std::result::Result<(), Conf
 }
 
 /// Both head counts positive.
-pub(crate) fn check_attention_heads(
+pub fn check_attention_heads(
     num_attention_heads: usize,
     attention_head_dim: usize,
 ) -> std::result::Result<(), ConfigProblem> {
@@ -48,7 +49,7 @@ pub(crate) fn check_attention_heads(
 }
 
 /// A hidden size the 2-D sin-cos position embedding can split (in four).
-pub(crate) fn check_sincos_width(inner: usize) -> std::result::Result<(), ConfigProblem> {
+pub fn check_sincos_width(inner: usize) -> std::result::Result<(), ConfigProblem> {
     if !inner.is_multiple_of(4) {
         return problem(
             "attention_head_dim",
@@ -62,7 +63,7 @@ pub(crate) fn check_sincos_width(inner: usize) -> std::result::Result<(), Config
 }
 
 /// A patch size in 1..=sample_size.
-pub(crate) fn check_patch_size(
+pub fn check_patch_size(
     patch_size: usize,
     sample_size: usize,
 ) -> std::result::Result<(), ConfigProblem> {
@@ -76,7 +77,7 @@ pub(crate) fn check_patch_size(
 }
 
 /// Positive latent channel counts.
-pub(crate) fn check_channels(
+pub fn check_channels(
     in_channels: usize,
     out_channels: usize,
 ) -> std::result::Result<(), ConfigProblem> {
@@ -87,31 +88,28 @@ pub(crate) fn check_channels(
 }
 
 /// What the shared loading code needs of a model's `config.json`.
-pub(crate) trait ModelConfig: serde::de::DeserializeOwned {
+pub trait ModelConfig: serde::de::DeserializeOwned {
     /// The model's own `validate`: whether it can be built and run.
     fn check(&self) -> std::result::Result<(), ConfigProblem>;
     fn shape(&self) -> ModelShape;
 }
 
 /// The registry's `shape` of a model: its sizes, from the parsed `config.json` alone.
-pub(crate) fn config_shape<C: ModelConfig>(
-    config: &serde_json::Value,
-    file: &Path,
-) -> Result<ModelShape> {
+pub fn config_shape<C: ModelConfig>(config: &serde_json::Value, file: &Path) -> Result<ModelShape> {
     let cfg: C = xfuser_core::config::json_value_config(config, file)?;
     Ok(cfg.shape())
 }
 
 /// The part of a model that one build holds: the blocks `layers`, the patch embedding when
 /// `first`, the final layer when `last` (everything without a PipeFusion stage).
-pub(crate) struct StageLayers {
+pub struct StageLayers {
     pub layers: Range<usize>,
     pub first: bool,
     pub last: bool,
 }
 
 /// Checks `cfg` and places `stage` (None: the whole model) in it, for a model's `new_stage`.
-pub(crate) fn stage_layers<C: ModelConfig>(
+pub fn stage_layers<C: ModelConfig>(
     cfg: &C,
     stage: Option<&PipelineStage>,
 ) -> candle_core::Result<StageLayers> {
@@ -135,7 +133,7 @@ pub(crate) fn stage_layers<C: ModelConfig>(
 /// A model's `load`: reads `dir/config.json` and builds the model (only `options.stage`'s
 /// part) with `build` from the weights in `dir`; returns it with the bytes of the weights it
 /// fetched. Errors name the file, and the field or tensor at fault.
-pub(crate) fn load_stage<C: ModelConfig, M>(
+pub fn load_stage<C: ModelConfig, M>(
     dir: &Path,
     options: &LoadOptions,
     build: impl FnOnce(&C, VarBuilder<'static>, Option<&PipelineStage>) -> candle_core::Result<M>,
@@ -159,7 +157,7 @@ pub(crate) fn load_stage<C: ModelConfig, M>(
 
 /// Linear layers that read the same input as one matrix product: their weights stacked (as
 /// [`kernels::gemm_friendly_weight`]) and their biases joined (None unless all have one).
-pub(crate) fn fuse_linears(ls: &[&Linear]) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+pub fn fuse_linears(ls: &[&Linear]) -> candle_core::Result<(Tensor, Option<Tensor>)> {
     let w = Tensor::cat(&ls.iter().map(|l| l.weight()).collect::<Vec<_>>(), 0)?;
     let w = kernels::gemm_friendly_weight(&w)?;
     let b = match ls.iter().map(|l| l.bias()).collect::<Option<Vec<_>>>() {
@@ -170,7 +168,7 @@ pub(crate) fn fuse_linears(ls: &[&Linear]) -> candle_core::Result<(Tensor, Optio
 }
 
 /// The error of a stage asked to embed the image without holding the patch embedding.
-pub(crate) fn no_patch_embedding(class_name: &str, layers: &Range<usize>) -> Error {
+pub fn no_patch_embedding(class_name: &str, layers: &Range<usize>) -> Error {
     Error::invalid(format!(
         "this PipeFusion stage of {class_name} (blocks {layers:?}) holds no patch embedding: \
          only the first stage embeds the image"
@@ -178,7 +176,7 @@ pub(crate) fn no_patch_embedding(class_name: &str, layers: &Range<usize>) -> Err
 }
 
 /// The error of a stage asked to run the head without holding the final layer.
-pub(crate) fn no_final_layer(class_name: &str, layers: &Range<usize>) -> Error {
+pub fn no_final_layer(class_name: &str, layers: &Range<usize>) -> Error {
     Error::invalid(format!(
         "this PipeFusion stage of {class_name} (blocks {layers:?}) holds no final layer: only \
          the last stage runs the head"
@@ -186,7 +184,7 @@ pub(crate) fn no_final_layer(class_name: &str, layers: &Range<usize>) -> Error {
 }
 
 /// The timesteps as (B,): a single value is repeated over the batch.
-pub(crate) fn batch_timesteps(timestep: &Tensor, batch: usize) -> Result<Tensor> {
+pub fn batch_timesteps(timestep: &Tensor, batch: usize) -> Result<Tensor> {
     let t = timestep.flatten_all()?;
     match t.dim(0)? {
         n if n == batch => Ok(t),
@@ -199,7 +197,7 @@ pub(crate) fn batch_timesteps(timestep: &Tensor, batch: usize) -> Result<Tensor>
 
 /// A patch embedding that embeds some token rows of a latent (a sequence-parallel rank's),
 /// with their rows of the whole grid's position embedding.
-pub(crate) trait PatchRows {
+pub trait PatchRows {
     /// (B, C, H, W) -> (B, rows.len()·(W/p), D).
     fn forward_rows(&self, latent: &Tensor, rows: Range<usize>) -> Result<Tensor>;
 
@@ -244,7 +242,7 @@ fn check_latent(latent: &Tensor, info: &BackboneInfo) -> Result<(usize, usize)> 
 /// The image tokens `embed` starts from and their grid: the whole latent's, or with `sp`
 /// this rank's token rows padded to the split's common length. `embedding` is the model's
 /// patch embedding, or why this stage has none.
-pub(crate) fn embed_image<E: PatchRows>(
+pub fn embed_image<E: PatchRows>(
     embedding: Result<&E>,
     latent: &Tensor,
     ctx: &ForwardContext,
@@ -303,7 +301,7 @@ fn embed_sp_slice<E: PatchRows>(
 
 /// `embed_conditioning`'s image tokens: none, (B, 0, D), as the previous stage sends them,
 /// and the grid (this sp rank's rows) they will have.
-pub(crate) fn no_image_tokens(
+pub fn no_image_tokens(
     latent: &Tensor,
     ctx: &ForwardContext,
     info: &BackboneInfo,
@@ -322,7 +320,7 @@ pub(crate) fn no_image_tokens(
 }
 
 /// The blocks `layers` of the held `blocks` (the blocks `held` of the model's `num_layers`).
-pub(crate) fn held_blocks<'a, T>(
+pub fn held_blocks<'a, T>(
     blocks: &'a [T],
     layers: &Range<usize>,
     held: &Range<usize>,
@@ -346,7 +344,7 @@ pub(crate) fn held_blocks<'a, T>(
 
 /// The attention processor of the blocks: the context's, or the serial one; a
 /// sequence-parallel forward must bring a parallel one.
-pub(crate) fn block_processor(ctx: &ForwardContext) -> Result<&dyn AttentionProcessor> {
+pub fn block_processor(ctx: &ForwardContext) -> Result<&dyn AttentionProcessor> {
     if ctx.sp.as_ref().is_some_and(|sp| sp.sp_group().size() > 1) && ctx.attention.is_none() {
         return Err(Error::invalid(
             "a sequence-parallel forward needs a parallel attention processor; build the \
@@ -358,7 +356,7 @@ pub(crate) fn block_processor(ctx: &ForwardContext) -> Result<&dyn AttentionProc
 
 /// Checks that `head` has the tokens of the state's grid (with `sp`, this rank's padded
 /// share).
-pub(crate) fn check_head_tokens(state: &BlockState, ctx: &ForwardContext) -> Result<()> {
+pub fn check_head_tokens(state: &BlockState, ctx: &ForwardContext) -> Result<()> {
     let (_, tokens, _) = state.hidden.dims3()?;
     let (rows, cols) = state.grid;
     let expected = ctx.sp.as_ref().map_or(rows * cols, |sp| sp.padded_len());
@@ -380,7 +378,7 @@ pub(crate) fn check_head_tokens(state: &BlockState, ctx: &ForwardContext) -> Res
 /// padded share, all-gathered over the sp group with the padding dropped, then unpatchified
 /// to (B, C, H, W). Gathering after the projection moves p²·C_out values per token instead
 /// of D.
-pub(crate) fn gather_and_unpatchify(
+pub fn gather_and_unpatchify(
     hidden: Tensor,
     grid: (usize, usize),
     ctx: &ForwardContext,
@@ -406,7 +404,7 @@ pub(crate) fn gather_and_unpatchify(
 /// The projected tokens (B, N, C) of the head, with `sp` this rank's padded share,
 /// all-gathered over the sp group, real tokens first, padding dropped: (B, tokens, C). For a
 /// model that unpatchifies its own way (Flux's unpacking); without `sp`, `hidden` itself.
-pub(crate) fn gather_sp_tokens(hidden: Tensor, ctx: &ForwardContext) -> Result<Tensor> {
+pub fn gather_sp_tokens(hidden: Tensor, ctx: &ForwardContext) -> Result<Tensor> {
     Ok(match &ctx.sp {
         None => hidden,
         Some(sp) => {
@@ -419,7 +417,7 @@ pub(crate) fn gather_sp_tokens(hidden: Tensor, ctx: &ForwardContext) -> Result<T
 
 /// (B, rows·cols, p·p·C) -> (B, C, rows·p, cols·p): each token's values are laid out
 /// (p row, p column, channel), diffusers' einsum `nhwpqc->nchpwq`.
-pub(crate) fn unpatchify(
+pub fn unpatchify(
     xs: &Tensor,
     grid: (usize, usize),
     p: usize,

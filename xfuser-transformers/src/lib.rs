@@ -1,7 +1,7 @@
 //! xfuser-transformers: diffusion-transformer backbones, one file per diffusers model file,
 //! each registering itself in the xfuser-core registry.
 
-mod backbone_common;
+pub mod backbone_common;
 pub mod pixart_transformer_2d;
 pub mod transformer_flux;
 pub mod transformer_sd3;

@@ -1,0 +1,488 @@
+//! The `xfuser` command line as a library function, so a binary that links extra models (a
+//! plugin crate with its own registrations) gets the whole CLI by calling [`main`].
+
+use std::path::{Path, PathBuf};
+
+use crate::bundled::{bundled_model_dir, BUNDLED_MODEL_NAME};
+use crate::core::engine::{
+    EngineConfig, OutputType, ParallelConfig, PipelineOutput, StepCache, StepCacheKind,
+};
+use crate::core::pipeline::DiffusionPipeline;
+use crate::core::registry::{attention_processor_entry, registered, Kind};
+use crate::pipelines::xFuserPipeline;
+use crate::request::{
+    GenerateParams, DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SEED,
+};
+use crate::serve::ServeConfig;
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+#[derive(Parser)]
+#[command(
+    name = "xfuser",
+    version,
+    about = "Parallel inference for diffusion transformers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+// Parsed once per process: the size of the larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images (or latents) from prompts.
+    Generate(GenerateArgs),
+    /// Serve the model over HTTP: it is loaded once and runs one request at a time.
+    Serve(ServeArgs),
+    /// List the registered pipelines, transformers and schedulers.
+    List,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputKind {
+    Pil,
+    Latent,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+// Flag names follow xDiT's (with dashes; its underscore spellings are accepted as aliases).
+#[derive(Args)]
+struct GenerateArgs {
+    /// A diffusers pipeline folder or a Hugging Face Hub id; default: the bundled tiny model.
+    #[arg(long)]
+    model: Option<String>,
+    /// A prompt; repeat the flag (or give several values) for several images.
+    #[arg(long, num_args = 1..)]
+    prompt: Vec<String>,
+    #[arg(long, alias = "negative_prompt", default_value = "")]
+    negative_prompt: String,
+    /// Image height in pixels; default: the model's.
+    #[arg(long)]
+    height: Option<usize>,
+    /// Image width in pixels; default: the model's.
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long, alias = "num_inference_steps", default_value_t = DEFAULT_NUM_INFERENCE_STEPS)]
+    num_inference_steps: usize,
+    #[arg(long, alias = "guidance_scale", default_value_t = DEFAULT_GUIDANCE_SCALE)]
+    guidance_scale: f64,
+    /// Flux: classifier-free guidance with --negative-prompt, on above 1 (diffusers'
+    /// true_cfg_scale); --guidance-scale is Flux-dev's embedded guidance.
+    #[arg(long, alias = "true_cfg_scale", default_value_t = 1.0)]
+    true_cfg_scale: f64,
+    #[arg(long, alias = "num_images_per_prompt", default_value_t = 1)]
+    num_images_per_prompt: usize,
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    seed: u64,
+    #[arg(long, alias = "output_type", value_enum, default_value = "pil")]
+    output_type: OutputKind,
+    #[arg(long, alias = "output_dir", default_value = "results")]
+    output_dir: PathBuf,
+    /// Generate at the requested size instead of the nearest trained aspect-ratio bin.
+    #[arg(long, alias = "no_use_resolution_binning")]
+    no_use_resolution_binning: bool,
+    /// Text tokens kept per prompt (T5); default: 120 (PixArt-α), 300 (PixArt-Σ), 256 (SD3),
+    /// 512 (Flux).
+    #[arg(long, alias = "max_sequence_length")]
+    max_sequence_length: Option<usize>,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+    /// After a parallel run, print the bytes each process group moved, per op.
+    #[arg(long, alias = "report_comm")]
+    report_comm: bool,
+    #[command(flatten)]
+    parallel: ParallelArgs,
+    #[command(flatten)]
+    cache: CacheArgs,
+}
+
+/// How the model runs on its ranks: xDiT's parallel flags, shared by `generate` and `serve`.
+#[derive(Args)]
+struct ParallelArgs {
+    #[arg(long, alias = "data_parallel_degree", default_value_t = 1)]
+    data_parallel_degree: usize,
+    #[arg(long, alias = "use_cfg_parallel")]
+    use_cfg_parallel: bool,
+    #[arg(long, alias = "ulysses_degree", default_value_t = 1)]
+    ulysses_degree: usize,
+    #[arg(long, alias = "ring_degree", default_value_t = 1)]
+    ring_degree: usize,
+    #[arg(long, alias = "pipefusion_parallel_degree", default_value_t = 1)]
+    pipefusion_parallel_degree: usize,
+    /// PipeFusion: patches the image is cut into; default: the PipeFusion degree.
+    #[arg(long, alias = "num_pipeline_patch")]
+    num_pipeline_patch: Option<usize>,
+    /// PipeFusion: steps run synchronously on the whole image first (at least 1).
+    #[arg(long, alias = "warmup_steps", default_value_t = 1)]
+    warmup_steps: usize,
+    /// PipeFusion: transformer blocks per stage, e.g. 14,14; default: an even split.
+    #[arg(long, alias = "attn_layer_num_for_pp", value_delimiter = ',')]
+    attn_layer_num_for_pp: Option<Vec<usize>>,
+    #[arg(long, alias = "tensor_parallel_degree", default_value_t = 1)]
+    tensor_parallel_degree: usize,
+}
+
+/// Step caches (xDiT's flags), shared by `generate` and `serve`.
+#[derive(Args)]
+struct CacheArgs {
+    /// First-Block-Cache: on steps where the first block's residual changed less than
+    /// --cache-threshold since the last computed step, reuse the other blocks' residual.
+    #[arg(long, alias = "use_fbcache")]
+    use_fbcache: bool,
+    /// TeaCache: not built yet (refused).
+    #[arg(long, alias = "use_teacache")]
+    use_teacache: bool,
+    /// Relative L1 change below which a step reuses the cache (xDiT's default 0.12).
+    #[arg(long, alias = "cache_threshold", default_value_t = StepCache::DEFAULT_THRESHOLD)]
+    cache_threshold: f64,
+}
+
+impl CacheArgs {
+    fn config(&self) -> Result<Option<StepCache>> {
+        if self.use_teacache {
+            bail!(
+                "--use-teacache: TeaCache is not built yet; use --use-fbcache (First-Block-Cache)"
+            );
+        }
+        if !self.cache_threshold.is_finite() || self.cache_threshold < 0.0 {
+            bail!(
+                "--cache-threshold {}: must be a finite number ≥ 0",
+                self.cache_threshold
+            );
+        }
+        Ok(self.use_fbcache.then_some(StepCache {
+            kind: StepCacheKind::FirstBlock,
+            threshold: self.cache_threshold,
+        }))
+    }
+}
+
+impl ParallelArgs {
+    fn config(&self) -> ParallelConfig {
+        ParallelConfig {
+            data_parallel_degree: self.data_parallel_degree,
+            use_cfg_parallel: self.use_cfg_parallel,
+            pipefusion_parallel_degree: self.pipefusion_parallel_degree,
+            ulysses_degree: self.ulysses_degree,
+            ring_degree: self.ring_degree,
+            tensor_parallel_degree: self.tensor_parallel_degree,
+            num_pipeline_patch: self.num_pipeline_patch,
+            warmup_steps: self.warmup_steps,
+            attn_layer_num_for_pp: self.attn_layer_num_for_pp.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// A diffusers pipeline folder or a Hugging Face Hub id; default: the bundled tiny model.
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0: any free port; the address is printed once the server listens.
+    #[arg(long, default_value_t = 6000)]
+    port: u16,
+    /// Requests that may wait while one runs; more are refused with 503.
+    #[arg(long, alias = "max_queue", default_value_t = 16)]
+    max_queue: usize,
+    /// Text tokens kept per prompt (T5), for every request; default: the pipeline's.
+    #[arg(long, alias = "max_sequence_length")]
+    max_sequence_length: Option<usize>,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+    #[command(flatten)]
+    parallel: ParallelArgs,
+    #[command(flatten)]
+    cache: CacheArgs,
+    /// Test aid: a request with exactly this prompt fails inside the worker (500).
+    #[arg(long, hide = true)]
+    fail_on_prompt: Option<String>,
+}
+
+/// Runs the `xfuser` command line on the process's arguments and exits the process with status 1
+/// after printing a one-line error when the command fails.
+pub fn main() {
+    // Activations are reused from the heap instead of fresh kernel-zeroed pages each time.
+    crate::core::alloc::keep_freed_memory_for_reuse();
+    let cli = Cli::parse();
+    // `serve` logs one line per request at info level.
+    let default_filter = match cli.command {
+        Command::Serve(_) => "warn,xfuser::serve=info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
+        )
+        .with_writer(std::io::stderr)
+        // Plain text when stderr is a file or pipe (logs, tests), colours on a terminal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Serve(args) => serve(args),
+        Command::List => {
+            list();
+            Ok(())
+        }
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn list() {
+    for kind in [
+        Kind::Pipeline,
+        Kind::Transformer,
+        Kind::Scheduler,
+        Kind::AttentionProcessor,
+    ] {
+        println!("{}s:", kind.as_str());
+        for name in registered(kind) {
+            match attention_processor_entry(name) {
+                Ok(entry) if kind == Kind::AttentionProcessor => {
+                    println!("  {name}: {}", entry.description)
+                }
+                _ => println!("  {name}"),
+            }
+        }
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let parallel = args.parallel.config();
+    // Everything that can be refused is refused before the model is loaded.
+    let input = GenerateParams {
+        prompts: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        height: args.height,
+        width: args.width,
+        num_inference_steps: args.num_inference_steps,
+        guidance_scale: args.guidance_scale,
+        true_cfg_scale: args.true_cfg_scale,
+        num_images_per_prompt: args.num_images_per_prompt,
+        seed: args.seed,
+        output_type: match args.output_type {
+            OutputKind::Pil => OutputType::Pil,
+            OutputKind::Latent => OutputType::Latent,
+        },
+        max_sequence_length: args.max_sequence_length,
+        use_resolution_binning: !args.no_use_resolution_binning,
+    }
+    .into_input()?;
+    parallel.validate()?;
+    let step_cache = args.cache.config()?;
+    let dtype = dtype(args.dtype)?;
+    prepare_output_dir(&args.output_dir)?;
+
+    let (pipeline, model_name) = load(args.model.as_deref(), dtype, &parallel, step_cache)?;
+
+    let bar = progress_bar(args.num_inference_steps, args.quiet);
+    let output = pipeline.generate(&input, &mut |i, _| bar.set_position(i as u64))?;
+    bar.finish_and_clear();
+
+    let stem = format!(
+        "{model_name}_result_dp{}_cfg{}_ulysses{}_ring{}_pp{}_patch{}",
+        parallel.data_parallel_degree,
+        parallel.cfg_degree(),
+        parallel.ulysses_degree,
+        parallel.ring_degree,
+        parallel.pipefusion_parallel_degree,
+        parallel.pipeline_patches(),
+    );
+    let written = write_outputs(&output, input.output_type, &args.output_dir, &stem)?;
+    for path in written {
+        println!("{}", path.display());
+    }
+    if let Some(stats) = output.cache_stats {
+        eprintln!(
+            "cache: computed {} of {} transformer steps",
+            stats.computed, stats.steps
+        );
+    }
+    if args.report_comm {
+        report_comm(&output);
+    }
+    Ok(())
+}
+
+fn dtype(arg: DTypeArg) -> Result<DType> {
+    match arg {
+        DTypeArg::F32 => Ok(DType::F32),
+        DTypeArg::F16 | DTypeArg::Bf16 => {
+            bail!("--dtype f16/bf16: this build computes on the CPU in f32 only; use --dtype f32")
+        }
+    }
+}
+
+/// Builds the pipeline `model` names (default: the bundled one) and returns it with the name
+/// output files and messages use.
+fn load(
+    model: Option<&str>,
+    dtype: DType,
+    parallel: &ParallelConfig,
+    step_cache: Option<StepCache>,
+) -> Result<(Box<dyn DiffusionPipeline>, String)> {
+    let (model, model_name) = match model {
+        Some(m) => (m.to_string(), model_display_name(m)),
+        None => (
+            bundled_model_dir()?.to_string_lossy().into_owned(),
+            BUNDLED_MODEL_NAME.to_string(),
+        ),
+    };
+    let mut engine = EngineConfig::new(model);
+    engine.model.dtype = dtype;
+    engine.parallel = parallel.clone();
+    engine.runtime.step_cache = step_cache;
+    Ok((xFuserPipeline::from_pretrained(&engine)?, model_name))
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let parallel = args.parallel.config();
+    parallel.validate()?;
+    let step_cache = args.cache.config()?;
+    if args.max_sequence_length == Some(0) {
+        bail!("--max-sequence-length must be at least 1");
+    }
+    let dtype = dtype(args.dtype)?;
+    let model_name = match &args.model {
+        Some(m) => model_display_name(m),
+        None => BUNDLED_MODEL_NAME.to_string(),
+    };
+    let config = ServeConfig {
+        host: args.host.clone(),
+        port: args.port,
+        max_queue: args.max_queue,
+        model_name,
+        max_sequence_length: args.max_sequence_length,
+        fail_on_prompt: args.fail_on_prompt.clone(),
+    };
+    crate::serve::run(
+        config,
+        || Ok(load(args.model.as_deref(), dtype, &parallel, step_cache)?.0),
+        |addr| {
+            use std::io::Write;
+            println!("listening on http://{addr}");
+            let _ = std::io::stdout().flush();
+        },
+    )
+}
+
+/// Sums each (group, op)'s counters over its ranks and prints one line for each, to stderr.
+fn report_comm(output: &PipelineOutput) {
+    let Some(stats) = &output.comm_stats else {
+        eprintln!("communication: none (serial run)");
+        return;
+    };
+    let mut totals: std::collections::BTreeMap<(String, String), (u64, u64)> =
+        std::collections::BTreeMap::new();
+    for (key, counts) in stats.snapshot() {
+        let entry = totals
+            .entry((key.group.clone(), key.op.to_string()))
+            .or_default();
+        entry.0 += counts.calls;
+        entry.1 += counts.bytes_sent;
+    }
+    eprintln!("communication (summed over the group's ranks):");
+    if totals.is_empty() {
+        eprintln!("  none");
+    }
+    for ((group, op), (calls, bytes)) in totals {
+        eprintln!("  {group:<24} {op:<16} {calls:>8} calls {bytes:>14} bytes sent");
+    }
+}
+
+/// The last component of a folder path or Hub id, for output file names. A local folder is
+/// named by its canonical path, so `--model .` names the files after the folder, not `.`.
+fn model_display_name(model: &str) -> String {
+    let canonical = Path::new(model)
+        .is_dir()
+        .then(|| std::fs::canonicalize(model).ok())
+        .flatten()
+        .map(|p| p.to_string_lossy().into_owned());
+    let name = canonical.as_deref().unwrap_or(model);
+    let trimmed = name.trim_end_matches('/');
+    trimmed
+        .rsplit('/')
+        .next()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("model")
+        .to_string()
+}
+
+/// Creates the output folder and proves it writable before any work is done.
+fn prepare_output_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create output directory {}", dir.display()))?;
+    let probe = dir.join(format!(".xfuser-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("output directory {} is not writable", dir.display()))?;
+    std::fs::remove_file(&probe).with_context(|| format!("cannot clean up {}", probe.display()))?;
+    Ok(())
+}
+
+fn progress_bar(steps: usize, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} steps [{elapsed}<{eta}]")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn write_outputs(
+    output: &PipelineOutput,
+    output_type: OutputType,
+    dir: &Path,
+    stem: &str,
+) -> Result<Vec<PathBuf>> {
+    match output_type {
+        OutputType::Latent => {
+            let path = dir.join(format!("{stem}_latents.safetensors"));
+            let tmp = dir.join(format!(
+                ".{stem}_latents.safetensors.tmp-{}",
+                std::process::id()
+            ));
+            let tensors =
+                std::collections::HashMap::from([("latents".to_string(), output.latents.clone())]);
+            let saved = candle_core::safetensors::save(&tensors, &tmp)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| std::fs::rename(&tmp, &path).map_err(anyhow::Error::from));
+            if let Err(e) = saved {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e.context(format!("writing {}", path.display())));
+            }
+            Ok(vec![path])
+        }
+        OutputType::Pil => {
+            let mut written = Vec::new();
+            for (i, image) in output.images.iter().enumerate() {
+                let path = dir.join(format!("{stem}_{i}.png"));
+                crate::pipelines::image::save_rgb_png(image, &path)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                written.push(path);
+            }
+            Ok(written)
+        }
+    }
+}
