@@ -20,6 +20,13 @@ runs `xfuser-bench pipeline` and then `xfuser-bench parallel --mode M` for every
 
     python3 scripts/bench_compare.py parallel --modes cfg,ulysses,ring,pipefusion --rounds 3
 
+`cache` compares the step caches with the uncached loop, all in Rust: each round runs
+`xfuser-bench pipeline` plain, with `--use-fbcache` and with `--use-teacache`, both replaying
+`--pattern` (C: every block runs, S: the cached residual is reused, one letter per step), and
+prints the median ratio cached/uncached of each:
+
+    python3 scripts/bench_compare.py cache --pattern CCCSCSCS... --rounds 3 -- --steps 20
+
 Arguments after `--` go to both benchmarks (same flag names on both sides). Before each run
 the script waits (up to --quiet-wait seconds) until no compiler runs on the machine, because
 a build on the same cores halves either side's speed.
@@ -71,10 +78,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command",
                    choices=["pixart-forward", "sd3-forward", "flux-forward", "pipeline", "gemm-floor",
-                            "parallel"])
+                            "parallel", "cache"])
     p.add_argument("--modes", default="cfg,ulysses,ring,pipefusion",
                    help="parallel: the --mode values to compare with the serial loop")
     p.add_argument("--world", type=int, default=2, help="parallel: rank threads")
+    p.add_argument("--pattern", help="cache: the skip pattern both caches replay (C/S per step)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rust-bin", default=str(ROOT / "target" / "release" / "xfuser-bench"))
     p.add_argument("--python", default=sys.executable)
@@ -83,6 +91,8 @@ def main():
 
     if args.command == "parallel":
         return compare_parallel(args, extra)
+    if args.command == "cache":
+        return compare_cache(args, extra)
     rust = [args.rust_bin, args.command, *extra]
     torch = [args.python, str(ROOT / "scripts" / "bench_pytorch.py"), args.command, *extra]
     rs, ts, ratios = [], [], []
@@ -119,6 +129,26 @@ def compare_parallel(args, extra):
         print(", ".join(line), flush=True)
     for m in modes:
         print(f"{m}_over_serial={statistics.median(ratios[m]):.3f}")
+
+
+def compare_cache(args, extra):
+    if not args.pattern:
+        sys.exit("cache: give --pattern (C/S per step)")
+    plain = [args.rust_bin, "pipeline", *extra]
+    caches = {"fbcache": "--use-fbcache", "teacache": "--use-teacache"}
+    ratios = {c: [] for c in caches}
+    for r in range(args.rounds):
+        wait_quiet(args.quiet_wait)
+        base = run(plain, "rust_seconds")
+        line = [f"round {r}: uncached {base:.3f}s"]
+        for name, flag in caches.items():
+            wait_quiet(args.quiet_wait)
+            t = run([*plain, flag, "--cache-pattern", args.pattern], "rust_seconds")
+            ratios[name].append(t / base)
+            line.append(f"{name} {t:.3f}s ({t / base:.3f})")
+        print(", ".join(line), flush=True)
+    for name in caches:
+        print(f"{name}_over_uncached={statistics.median(ratios[name]):.3f}")
 
 
 if __name__ == "__main__":

@@ -142,7 +142,9 @@ struct CacheArgs {
     /// --cache-threshold since the last computed step, reuse the other blocks' residual.
     #[arg(long, alias = "use_fbcache")]
     use_fbcache: bool,
-    /// TeaCache: not built yet (refused).
+    /// TeaCache: sum the relative change of the first block's modulated input from step to
+    /// step (rescaled by the model's polynomial where one is known); while the sum stays under
+    /// --cache-threshold, reuse all the blocks' residual. First and last steps always run.
     #[arg(long, alias = "use_teacache")]
     use_teacache: bool,
     /// Relative L1 change below which a step reuses the cache (xDiT's default 0.12).
@@ -152,19 +154,20 @@ struct CacheArgs {
 
 impl CacheArgs {
     fn config(&self) -> Result<Option<StepCache>> {
-        if self.use_teacache {
-            bail!(
-                "--use-teacache: TeaCache is not built yet; use --use-fbcache (First-Block-Cache)"
-            );
-        }
         if !self.cache_threshold.is_finite() || self.cache_threshold < 0.0 {
             bail!(
                 "--cache-threshold {}: must be a finite number ≥ 0",
                 self.cache_threshold
             );
         }
-        Ok(self.use_fbcache.then_some(StepCache {
-            kind: StepCacheKind::FirstBlock,
+        let kind = match (self.use_fbcache, self.use_teacache) {
+            (true, true) => bail!("--use-fbcache and --use-teacache: choose one step cache"),
+            (true, false) => StepCacheKind::FirstBlock,
+            (false, true) => StepCacheKind::TeaCache,
+            (false, false) => return Ok(None),
+        };
+        Ok(Some(StepCache {
+            kind,
             threshold: self.cache_threshold,
         }))
     }

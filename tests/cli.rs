@@ -1169,16 +1169,54 @@ fn fbcache_reports_its_steps() {
     );
 }
 
+/// `--use-teacache` at threshold 0 computes every step and gives the uncached latents; a huge
+/// threshold still computes the first and the last step (3 steps: 2 computed).
 #[test]
-fn teacache_and_bad_thresholds_are_refused() {
+fn teacache_reports_its_steps() {
+    let tmp = TempDir::new("teacache");
+    let out = tmp.join("out");
+    let mut base = with_flags(quick_args(&alpha_dir(), &out), &["--output-type", "latent"]);
+    let steps = base
+        .iter()
+        .position(|a| a == "--num-inference-steps")
+        .unwrap();
+    base[steps + 1] = "3".into();
+    let plain = latents_run(&base, &out, "tiny-pixart-alpha");
+    std::fs::remove_dir_all(&out).unwrap();
+    let cached = with_flags(base.clone(), &["--use-teacache", "--cache-threshold", "0"]);
+    let r = run(xfuser().args(&cached));
+    r.assert_ok();
+    assert!(
+        r.stderr
+            .contains("cache: computed 3 of 3 transformer steps"),
+        "stderr: {}",
+        r.stderr
+    );
+    let name = format!("tiny-pixart-alpha_{STEM}_latents.safetensors");
+    let err = rel_l2(&read_latents(&out.join(name)), &plain).unwrap();
+    assert!(err <= 1e-6, "threshold 0 vs uncached: {err:.3e}");
+    std::fs::remove_dir_all(&out).unwrap();
+    let skipping = with_flags(base, &["--use-teacache", "--cache-threshold", "1e9"]);
+    let r = run(xfuser().args(&skipping));
+    r.assert_ok();
+    assert!(
+        r.stderr
+            .contains("cache: computed 2 of 3 transformer steps"),
+        "stderr: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn two_caches_and_bad_thresholds_are_refused() {
     refused(
         &alpha_dir(),
-        &["--use-teacache"],
-        &["--use-teacache", "not built yet"],
+        &["--use-fbcache", "--use-teacache"],
+        &["--use-fbcache", "--use-teacache", "choose one"],
     );
     refused(
         &alpha_dir(),
-        &["--use-fbcache", "--cache-threshold=-1"],
+        &["--use-teacache", "--cache-threshold=-1"],
         &["--cache-threshold -1", "≥ 0"],
     );
 }

@@ -1,7 +1,8 @@
-//! First-Block-Cache through the model-neutral runtime, on PixArt-α (cross-attention) and SD3
-//! (joint attention): threshold 0 is the uncached run; a threshold that skips some steps gives
-//! the same decisions and latents serially and under Ulysses, Ring and CFG parallel (the
-//! decision is agreed over the sp and cfg groups); PipeFusion refuses the cache.
+//! The step caches (First-Block-Cache and TeaCache) through the model-neutral runtime, on
+//! PixArt-α (cross-attention), SD3 and Flux (joint attention): threshold 0 is the uncached run;
+//! a threshold that skips some steps gives the same decisions and latents serially and under
+//! Ulysses, Ring and CFG parallel (the decision is agreed over the sp and cfg groups);
+//! PipeFusion refuses both caches.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -23,6 +24,12 @@ fn sd3() -> PathBuf {
     fixtures_dir().join("sd3/tiny-sd3")
 }
 
+fn flux() -> PathBuf {
+    fixtures_dir().join("flux/tiny-flux-dev")
+}
+
+const KINDS: [StepCacheKind; 2] = [StepCacheKind::FirstBlock, StepCacheKind::TeaCache];
+
 fn input() -> InputConfig {
     InputConfig {
         prompts: vec!["a red cat on the moon".into()],
@@ -38,14 +45,15 @@ fn input() -> InputConfig {
     }
 }
 
-fn run(model: &Path, parallel: ParallelConfig, threshold: Option<f64>) -> PipelineOutput {
+fn run(
+    model: &Path,
+    parallel: ParallelConfig,
+    cache: Option<(StepCacheKind, f64)>,
+) -> PipelineOutput {
     let mut engine = EngineConfig::new(model.to_string_lossy());
     engine.parallel = parallel;
     engine.runtime.comm_timeout = Duration::from_secs(120);
-    engine.runtime.step_cache = threshold.map(|threshold| StepCache {
-        kind: StepCacheKind::FirstBlock,
-        threshold,
-    });
+    engine.runtime.step_cache = cache.map(|(kind, threshold)| StepCache { kind, threshold });
     let pipeline = xFuserPipeline::from_pretrained(&engine).expect("load");
     pipeline.generate(&input(), &mut |_, _| {}).expect("run")
 }
@@ -58,97 +66,114 @@ fn computed(output: &PipelineOutput) -> usize {
 
 #[test]
 fn threshold_zero_is_the_uncached_run() {
-    for model in [alpha(), sd3()] {
+    for model in [alpha(), sd3(), flux()] {
         let plain = run(&model, ParallelConfig::default(), None);
         assert!(plain.cache_stats.is_none());
-        let cached = run(&model, ParallelConfig::default(), Some(0.0));
-        assert_eq!(
-            cached.cache_stats,
-            Some(CacheStats {
-                computed: STEPS,
-                steps: STEPS
-            })
-        );
-        let err = rel_l2(&cached.latents, &plain.latents).unwrap();
-        println!(
-            "{}: threshold 0 vs uncached rel L2 {err:.3e}",
-            model.display()
-        );
-        assert!(err <= 1e-6, "{}: {err:.3e}", model.display());
+        for kind in KINDS {
+            let cached = run(&model, ParallelConfig::default(), Some((kind, 0.0)));
+            assert_eq!(
+                cached.cache_stats,
+                Some(CacheStats {
+                    computed: STEPS,
+                    steps: STEPS
+                })
+            );
+            let err = rel_l2(&cached.latents, &plain.latents).unwrap();
+            println!(
+                "{} {kind:?}: threshold 0 vs uncached rel L2 {err:.3e}",
+                model.display()
+            );
+            assert!(err <= 1e-6, "{} {kind:?}: {err:.3e}", model.display());
+        }
     }
 }
 
+/// First-Block-Cache computes only the first step, TeaCache the first and the last.
 #[test]
-fn a_huge_threshold_computes_only_the_first_step() {
-    let plain = run(&sd3(), ParallelConfig::default(), None);
-    let cached = run(&sd3(), ParallelConfig::default(), Some(1e9));
-    assert_eq!(computed(&cached), 1);
-    let err = rel_l2(&cached.latents, &plain.latents).unwrap();
-    assert!(err.is_finite() && err > 0.0, "{err}");
+fn a_huge_threshold_computes_only_the_steps_that_always_run() {
+    for model in [sd3(), flux()] {
+        let plain = run(&model, ParallelConfig::default(), None);
+        for (kind, always) in [(StepCacheKind::FirstBlock, 1), (StepCacheKind::TeaCache, 2)] {
+            let cached = run(&model, ParallelConfig::default(), Some((kind, 1e9)));
+            assert_eq!(computed(&cached), always, "{} {kind:?}", model.display());
+            let err = rel_l2(&cached.latents, &plain.latents).unwrap();
+            assert!(err.is_finite() && err > 0.0, "{kind:?}: {err}");
+        }
+    }
 }
 
 /// The first threshold of a ladder that skips some steps but not all, serially.
-fn partial_threshold(model: &Path) -> (f64, PipelineOutput) {
-    for threshold in [0.01, 0.03, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9] {
-        let out = run(model, ParallelConfig::default(), Some(threshold));
+fn partial_threshold(model: &Path, kind: StepCacheKind) -> (f64, PipelineOutput) {
+    let always = match kind {
+        StepCacheKind::FirstBlock => 1,
+        StepCacheKind::TeaCache => 2,
+    };
+    for threshold in [
+        0.01, 0.03, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.2, 1.6, 2.0, 3.0, 5.0,
+    ] {
+        let out = run(model, ParallelConfig::default(), Some((kind, threshold)));
         let k = computed(&out);
         println!(
-            "{}: threshold {threshold}: computed {k} of {STEPS}",
+            "{} {kind:?}: threshold {threshold}: computed {k} of {STEPS}",
             model.display()
         );
-        if k > 1 && k < STEPS {
+        if k > always && k < STEPS {
             return (threshold, out);
         }
     }
-    panic!("no threshold of the ladder skips some but not all steps");
+    panic!("{kind:?}: no threshold of the ladder skips some but not all steps");
 }
 
 #[test]
 fn parallel_ranks_take_the_serial_decisions() {
     for model in [alpha(), sd3()] {
-        let (threshold, serial) = partial_threshold(&model);
-        let degrees = |cfg: bool, ulysses: usize, ring: usize| ParallelConfig {
-            use_cfg_parallel: cfg,
-            ulysses_degree: ulysses,
-            ring_degree: ring,
-            ..Default::default()
-        };
-        for (what, parallel) in [
-            ("ulysses 2", degrees(false, 2, 1)),
-            ("ring 2", degrees(false, 1, 2)),
-            ("cfg", degrees(true, 1, 1)),
-        ] {
-            let out = run(&model, parallel, Some(threshold));
-            assert_eq!(
-                computed(&out),
-                computed(&serial),
-                "{what}: another skip pattern"
-            );
-            let err = rel_l2(&out.latents, &serial.latents).unwrap();
-            println!(
-                "{}: {what} vs serial, cached: rel L2 {err:.3e}",
-                model.display()
-            );
-            assert!(err <= 1e-5, "{what}: {err:.3e}");
+        for kind in KINDS {
+            let (threshold, serial) = partial_threshold(&model, kind);
+            let degrees = |cfg: bool, ulysses: usize, ring: usize| ParallelConfig {
+                use_cfg_parallel: cfg,
+                ulysses_degree: ulysses,
+                ring_degree: ring,
+                ..Default::default()
+            };
+            for (what, parallel) in [
+                ("ulysses 2", degrees(false, 2, 1)),
+                ("ring 2", degrees(false, 1, 2)),
+                ("cfg", degrees(true, 1, 1)),
+            ] {
+                let out = run(&model, parallel, Some((kind, threshold)));
+                assert_eq!(
+                    computed(&out),
+                    computed(&serial),
+                    "{kind:?} {what}: another skip pattern"
+                );
+                let err = rel_l2(&out.latents, &serial.latents).unwrap();
+                println!(
+                    "{} {kind:?}: {what} vs serial, cached: rel L2 {err:.3e}",
+                    model.display()
+                );
+                assert!(err <= 1e-5, "{kind:?} {what}: {err:.3e}");
+            }
         }
     }
 }
 
 #[test]
-fn pipefusion_refuses_the_cache() {
-    let mut engine = EngineConfig::new(sd3().to_string_lossy());
-    engine.parallel.pipefusion_parallel_degree = 2;
-    engine.runtime.step_cache = Some(StepCache {
-        kind: StepCacheKind::FirstBlock,
-        threshold: StepCache::DEFAULT_THRESHOLD,
-    });
-    let pipeline = xFuserPipeline::from_pretrained(&engine).expect("load");
-    let err = pipeline
-        .generate(&input(), &mut |_, _| {})
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("--use-fbcache") && err.contains("--pipefusion-parallel-degree"),
-        "{err}"
-    );
+fn pipefusion_refuses_the_caches() {
+    for kind in KINDS {
+        let mut engine = EngineConfig::new(sd3().to_string_lossy());
+        engine.parallel.pipefusion_parallel_degree = 2;
+        engine.runtime.step_cache = Some(StepCache {
+            kind,
+            threshold: StepCache::DEFAULT_THRESHOLD,
+        });
+        let pipeline = xFuserPipeline::from_pretrained(&engine).expect("load");
+        let err = pipeline
+            .generate(&input(), &mut |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(kind.flag()) && err.contains("--pipefusion-parallel-degree"),
+            "{err}"
+        );
+    }
 }

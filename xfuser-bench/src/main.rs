@@ -29,10 +29,11 @@ use xfuser_core::backbone::{
 };
 use xfuser_core::distributed::runtime_state::input_metadata;
 use xfuser_core::distributed::{launch_local, LaunchOptions, RankMesh, RankThreads, ShapeParams};
-use xfuser_core::engine::ParallelConfig;
+use xfuser_core::engine::{ParallelConfig, StepCache, StepCacheKind};
 use xfuser_core::scheduler::Scheduler;
-use xfuser_pipelines::denoise::{denoise, Guidance};
+use xfuser_pipelines::denoise::{denoise, denoise_with_cache, Guidance};
 use xfuser_pipelines::pipefusion::{denoise_pipefusion, PipeFusionConfig};
+use xfuser_pipelines::step_cache::step_cacher_with_pattern;
 use xfuser_schedulers::scheduling_dpmsolver_multistep::DPMSolverMultistepScheduler;
 use xfuser_transformers::pixart_transformer_2d::{
     Config, PixArtTransformer2DModel, ASPECT_RATIO, RESOLUTION,
@@ -125,6 +126,53 @@ struct PipelineArgs {
     /// Whole loops timed; the median is printed.
     #[arg(long, default_value_t = 1)]
     iters: usize,
+    /// Run the loop with First-Block-Cache, its decisions replayed from --cache-pattern.
+    #[arg(long, conflicts_with = "use_teacache")]
+    use_fbcache: bool,
+    /// Run the loop with TeaCache, its decisions replayed from --cache-pattern.
+    #[arg(long)]
+    use_teacache: bool,
+    /// With a cache: one letter per step, C (every block runs) or S (the cached residual is
+    /// reused). Random weights make the caches' own decisions meaningless, so the benchmark
+    /// replays a pattern a trained model chose (docs/performance.md says which).
+    #[arg(long)]
+    cache_pattern: Option<String>,
+}
+
+impl PipelineArgs {
+    /// The cache to run the loop with, and the steps whose blocks all run.
+    fn cache(&self) -> Result<Option<(StepCache, Vec<bool>)>> {
+        let kind = match (self.use_fbcache, self.use_teacache) {
+            (false, false) => return Ok(None),
+            (true, _) => StepCacheKind::FirstBlock,
+            (false, true) => StepCacheKind::TeaCache,
+        };
+        let Some(pattern) = &self.cache_pattern else {
+            bail!(
+                "{}: give the skip pattern with --cache-pattern (C/S per step)",
+                kind.flag()
+            );
+        };
+        let computed = pattern
+            .chars()
+            .map(|c| match c {
+                'C' | 'c' => Ok(true),
+                'S' | 's' => Ok(false),
+                other => bail!("--cache-pattern: `{other}` is not C or S"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if computed.len() != self.steps || !computed.first().copied().unwrap_or(false) {
+            bail!(
+                "--cache-pattern {pattern}: needs one letter per step ({}), starting with C",
+                self.steps
+            );
+        }
+        let cache = StepCache {
+            kind,
+            threshold: StepCache::DEFAULT_THRESHOLD,
+        };
+        Ok(Some((cache, computed)))
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -523,11 +571,15 @@ fn pipeline(args: &PipelineArgs, parallel: Option<&ParallelArgs>) -> Result<()> 
         }
     }
     let flops = total_flops(&forward_gemms(&cfg, &m)) * args.steps as f64;
+    let cache = args.cache()?;
+    if cache.is_some() && parallel.is_some() {
+        bail!("--use-fbcache / --use-teacache: the parallel benchmark runs without a cache");
+    }
     let mut times = Vec::new();
     for i in 0..args.iters.max(1) {
         let t = Instant::now();
-        let out = match parallel {
-            None => denoise(
+        let out = match (parallel, &cache) {
+            (None, None) => denoise(
                 &model,
                 &scheduler,
                 latents.clone(),
@@ -537,7 +589,27 @@ fn pipeline(args: &PipelineArgs, parallel: Option<&ParallelArgs>) -> Result<()> 
                 None,
                 &mut |_, _| Ok(()),
             )?,
-            Some(p) => {
+            (None, Some((config, computed))) => {
+                let mut cacher = step_cacher_with_pattern(config, computed.clone())?;
+                let out = denoise_with_cache(
+                    &model,
+                    &scheduler,
+                    latents.clone(),
+                    &guidance,
+                    &ctx,
+                    None,
+                    None,
+                    Some(cacher.as_mut()),
+                    &mut |_, _| Ok(()),
+                )?;
+                let stats = cacher.stats();
+                eprintln!(
+                    "cache: computed {} of {} transformer steps",
+                    stats.computed, stats.steps
+                );
+                out
+            }
+            (Some(p), _) => {
                 let models = Models {
                     whole: &model,
                     stages: &stages,

@@ -153,7 +153,8 @@ pub struct RuntimeConfig {
     /// K/V, the baseline that the stale-KV approximation is measured against. Never set it
     /// for real runs.
     pub pipefusion_zero_stale_kv: bool,
-    /// Skip transformer work on steps where it barely changes (`--use-fbcache`); None: off.
+    /// Skip transformer work on steps where it barely changes (`--use-fbcache`,
+    /// `--use-teacache`); None: off.
     pub step_cache: Option<StepCache>,
 }
 
@@ -182,10 +183,25 @@ pub enum StepCacheKind {
     /// threshold (relative L1) since the last fully computed step, add the cached residual of
     /// the other blocks instead of running them.
     FirstBlock,
+    /// TeaCache: sum the relative L1 change of the first block's timestep-modulated input from
+    /// step to step (rescaled by the model's polynomial where one is known); while the sum
+    /// stays below the threshold, add the cached residual of all the blocks instead of running
+    /// them. The first and last steps always run.
+    TeaCache,
+}
+
+impl StepCacheKind {
+    /// The command-line flag that turns it on.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::FirstBlock => "--use-fbcache",
+            Self::TeaCache => "--use-teacache",
+        }
+    }
 }
 
 impl StepCache {
-    /// xDiT's default threshold for its caches (`rel_l1_thresh` 0.12).
+    /// xDiT's default threshold for both its caches (`rel_l1_thresh` 0.12 in its examples).
     pub const DEFAULT_THRESHOLD: f64 = 0.12;
 }
 

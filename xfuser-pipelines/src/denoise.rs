@@ -10,7 +10,7 @@ use xfuser_core::random::Generator;
 use xfuser_core::scheduler::Scheduler;
 use xfuser_core::{Error, Result};
 
-use crate::step_cache::FirstBlockCache;
+use crate::step_cache::StepCacher;
 
 /// What the denoising loop conditions on: the backbone's conditioning for each side of
 /// classifier-free guidance.
@@ -75,7 +75,7 @@ pub fn denoise_with_cache(
     ctx: &ForwardContext,
     cfg_group: Option<&ProcessGroup>,
     mut generator: Option<&mut Generator>,
-    mut cache: Option<&mut FirstBlockCache>,
+    mut cache: Option<&mut dyn StepCacher>,
     on_step: &mut dyn FnMut(usize, usize) -> Result<()>,
 ) -> Result<Tensor> {
     let timesteps = schedule(scheduler)?.to_vec();
@@ -114,7 +114,7 @@ pub fn denoise_with_cache(
                     conditioning: &conditioning,
                 };
                 let prediction = match cache.as_deref_mut() {
-                    Some(cache) => cache.forward(backbone, &inputs, ctx)?,
+                    Some(cache) => cache.forward(backbone, &inputs, ctx, i, timesteps.len())?,
                     None => backbone.forward(&inputs, ctx)?,
                 };
                 match cfg_group {

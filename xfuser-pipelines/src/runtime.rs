@@ -19,7 +19,6 @@ use xfuser_core::distributed::{
 };
 use xfuser_core::engine::{
     EngineConfig, InputConfig, OutputType, ParallelConfig, PipelineOutput, RgbImage, RuntimeConfig,
-    StepCache, StepCacheKind,
 };
 use xfuser_core::random::Generator;
 use xfuser_core::registry::{
@@ -30,7 +29,7 @@ use xfuser_core::{Error, Result};
 
 use crate::denoise::{denoise_with_cache, Guidance};
 use crate::pipefusion::{denoise_pipefusion, PipeFusionConfig};
-use crate::step_cache::FirstBlockCache;
+use crate::step_cache::{step_cacher, StepCacher};
 
 /// What the runtime needs to know of a request, fixed by the pipeline's plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,25 +302,22 @@ impl DiTRuntime {
             Ok(())
         };
         let pp = self.parallel.pipefusion_parallel_degree;
-        let mut cache = match self.runtime.step_cache {
+        let mut cache = match &self.runtime.step_cache {
             None => None,
-            Some(_) if pp > 1 => {
-                return Err(Error::Unsupported(
-                    "--use-fbcache with --pipefusion-parallel-degree > 1: the first block and \
-                     the cached rest run on different stages, on patches with stale \
-                     activations, so no stage can decide for the whole image; use the cache \
-                     with data, CFG, Ulysses or Ring parallelism"
-                        .into(),
-                ))
+            Some(cache) if pp > 1 => {
+                return Err(Error::Unsupported(format!(
+                    "{} with --pipefusion-parallel-degree > 1: the cached blocks run on \
+                     different stages, on patches with stale activations, so no stage can \
+                     decide for the whole image; use the cache with data, CFG, Ulysses or Ring \
+                     parallelism",
+                    cache.kind.flag()
+                )))
             }
-            Some(StepCache {
-                kind: StepCacheKind::FirstBlock,
-                threshold,
-            }) => {
+            Some(cache) => {
                 let groups: Vec<&ProcessGroup> = rank
                     .map(|r| vec![r.sp_group(), r.cfg_group()])
                     .unwrap_or_default();
-                Some(FirstBlockCache::new(threshold, &groups)?)
+                Some(step_cacher(cache, &groups)?)
             }
         };
         let latents = match rank {
@@ -356,7 +352,7 @@ impl DiTRuntime {
                     &ctx,
                     cfg_group,
                     Some(&mut generator),
-                    cache.as_mut(),
+                    cache.as_mut().map(|c| &mut **c as &mut dyn StepCacher),
                     &mut report,
                 )?)
             }
@@ -378,7 +374,7 @@ impl DiTRuntime {
                 latents,
                 images,
                 comm_stats: None,
-                cache_stats: cache.as_ref().map(FirstBlockCache::stats),
+                cache_stats: cache.as_ref().map(|c| c.stats()),
             },
         )))
     }

@@ -450,6 +450,25 @@ impl BasicTransformerBlock {
         })
     }
 
+    /// The six (B, 1, D) modulations of the block: shift, scale, gate of the attention and of
+    /// the feed-forward.
+    fn modulation(&self, state: &BlockState, batch: usize) -> Result<Vec<Tensor>> {
+        // (B, 6·D) -> (B, 6, D) + (6, D) -> six (B, 1, D)
+        let modulation = state
+            .conditioning(BLOCK_MODULATION)?
+            .reshape((batch, 6, self.dim))?
+            .broadcast_add(&self.scale_shift_table)?;
+        Ok((0..6)
+            .map(|i| modulation.narrow(1, i, 1)?.contiguous())
+            .collect::<candle_core::Result<Vec<_>>>()?)
+    }
+
+    /// `norm1` of `hidden` with the block's attention shift and scale: the attention's input.
+    fn modulated_input(&self, hidden: &Tensor, state: &BlockState) -> Result<Tensor> {
+        let m = self.modulation(state, hidden.dim(0)?)?;
+        Ok(self.norm1.forward_modulated(hidden, &m[0], &m[1])?)
+    }
+
     /// hidden (B, N, D) -> (B, N, D); `state` supplies the text and the conditioning.
     fn forward(
         &self,
@@ -458,15 +477,7 @@ impl BasicTransformerBlock {
         layer: usize,
         processor: &dyn AttentionProcessor,
     ) -> Result<Tensor> {
-        let batch = hidden.dim(0)?;
-        // (B, 6·D) -> (B, 6, D) + (6, D) -> six (B, 1, D)
-        let modulation = state
-            .conditioning(BLOCK_MODULATION)?
-            .reshape((batch, 6, self.dim))?
-            .broadcast_add(&self.scale_shift_table)?;
-        let m = (0..6)
-            .map(|i| modulation.narrow(1, i, 1)?.contiguous())
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let m = self.modulation(state, hidden.dim(0)?)?;
         let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
 
@@ -746,6 +757,16 @@ impl Backbone for PixArtTransformer2DModel {
             state.hidden = block.forward(&state.hidden, &state, layer, processor)?;
         }
         Ok(state)
+    }
+
+    fn modulated_input(&self, state: &BlockState, _ctx: &ForwardContext) -> Result<Option<Tensor>> {
+        let first = common::held_blocks(
+            &self.transformer_blocks,
+            &(0..1),
+            &self.layers,
+            self.info.num_layers,
+        )?;
+        Ok(Some(first[0].modulated_input(&state.hidden, state)?))
     }
 
     fn head(&self, state: BlockState, ctx: &ForwardContext) -> Result<Tensor> {

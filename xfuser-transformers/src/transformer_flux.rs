@@ -623,6 +623,16 @@ enum TimeTextEmbed {
     Guidance(CombinedTimestepGuidanceTextProjEmbeddings),
 }
 
+/// TeaCache's rescaling polynomial for FLUX.1 (highest power first), as TeaCache's authors
+/// fitted it (TeaCache4FLUX; xDiT uses the same numbers).
+const TEACACHE_COEFFICIENTS: [f64; 5] = [
+    4.98651651e+02,
+    -2.83781631e+02,
+    5.58554382e+01,
+    -3.82021401e+00,
+    2.64230861e-01,
+];
+
 /// Text tensors whose `context_embedder` output is kept (both CFG halves of two rank threads
 /// sharing a model, say).
 const CONTEXT_CACHE_ENTRIES: usize = 2;
@@ -973,6 +983,21 @@ impl Backbone for FluxTransformer2DModel {
             state.encoder = Some(encoder);
         }
         Ok(state)
+    }
+
+    fn modulated_input(&self, state: &BlockState, _ctx: &ForwardContext) -> Result<Option<Tensor>> {
+        let first = common::held_blocks(&self.blocks, &(0..1), &self.layers, self.info.num_layers)?;
+        let temb_silu = state.conditioning(TEMB)?.silu()?;
+        let (norm, chunks, dim) = match &first[0] {
+            FluxBlock::Double(b) => (&b.norm1, 6, b.dim),
+            FluxBlock::Single(b) => (&b.norm, 3, b.dim),
+        };
+        let m = modulation_chunks(&norm.forward(&temb_silu)?, chunks, dim)?;
+        Ok(Some(norm_modulate(&state.hidden, &m[0], &m[1])?))
+    }
+
+    fn teacache_coefficients(&self) -> Option<&'static [f64]> {
+        Some(&TEACACHE_COEFFICIENTS)
     }
 
     fn head(&self, state: BlockState, ctx: &ForwardContext) -> Result<Tensor> {

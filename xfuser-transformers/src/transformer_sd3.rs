@@ -641,6 +641,13 @@ impl JointTransformerBlock {
         })
     }
 
+    /// The image stream's attention input: `norm1` of `hidden` with the first shift and scale.
+    fn modulated_input(&self, hidden: &Tensor, temb_silu: &Tensor) -> Result<Tensor> {
+        let chunks = if self.attn2.is_some() { 9 } else { 6 };
+        let m = modulation_chunks(&self.norm1.forward(temb_silu)?, chunks, self.dim)?;
+        Ok(norm_modulate(hidden, &m[0], &m[1])?)
+    }
+
     /// (image (B, N, D), text (B, L, D)) -> (image, text; None after the last block).
     /// `temb` is the (B, D) conditioning and `temb_silu` its SiLU; `layer` and `attn2_site`
     /// name the attention sites.
@@ -981,6 +988,17 @@ impl Backbone for SD3Transformer2DModel {
             state.encoder = encoder;
         }
         Ok(state)
+    }
+
+    fn modulated_input(&self, state: &BlockState, _ctx: &ForwardContext) -> Result<Option<Tensor>> {
+        let first = common::held_blocks(
+            &self.transformer_blocks,
+            &(0..1),
+            &self.layers,
+            self.info.num_layers,
+        )?;
+        let temb_silu = state.conditioning(TEMB)?.silu()?;
+        Ok(Some(first[0].modulated_input(&state.hidden, &temb_silu)?))
     }
 
     fn head(&self, state: BlockState, ctx: &ForwardContext) -> Result<Tensor> {

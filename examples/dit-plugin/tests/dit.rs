@@ -186,3 +186,42 @@ fn the_old_transformer_class_name_loads_as_dit() {
     let _ = std::fs::remove_dir_all(&tmp);
     assert_eq!(max_abs_diff(&renamed, &original).unwrap(), 0.0);
 }
+
+/// The runtime's step caches run on the plugin's model too: at threshold 0 both give the
+/// uncached latents, and a huge threshold skips what each may skip (First-Block-Cache all but
+/// the first step's blocks after the first, TeaCache all but the first and last steps).
+#[test]
+fn the_runtime_step_caches_run_on_dit() {
+    use xfuser_core::engine::{StepCache, StepCacheKind};
+    let dir = fixtures().join("tiny-dit");
+    let input = InputConfig {
+        prompts: vec!["goldfish".into()],
+        num_inference_steps: 5,
+        guidance_scale: 4.0,
+        seed: 3,
+        output_type: OutputType::Latent,
+        ..Default::default()
+    };
+    let run = |cache: Option<StepCache>| {
+        let mut engine = EngineConfig::new(dir.to_string_lossy());
+        engine.runtime.step_cache = cache;
+        let pipeline = load_pipeline(&dir, &engine).unwrap();
+        pipeline.generate(&input, &mut |_, _| {}).unwrap()
+    };
+    let plain = run(None).latents;
+    for (kind, always) in [(StepCacheKind::FirstBlock, 1), (StepCacheKind::TeaCache, 2)] {
+        let exact = run(Some(StepCache {
+            kind,
+            threshold: 0.0,
+        }));
+        let err = rel_l2(&exact.latents, &plain).unwrap();
+        println!("{kind:?}: threshold 0 vs uncached rel L2 {err:.3e}");
+        assert!(err <= 1e-6, "{kind:?}: {err:.3e}");
+        let skipping = run(Some(StepCache {
+            kind,
+            threshold: 1e9,
+        }));
+        let stats = skipping.cache_stats.unwrap();
+        assert_eq!((stats.computed, stats.steps), (always, 5), "{kind:?}");
+    }
+}
