@@ -8,3 +8,4 @@ pub mod embeddings;
 pub mod feed_forward;
 pub mod normalization;
 pub mod pipefusion_attention;
+pub mod tensor_parallel;
