@@ -21,11 +21,12 @@ runs `xfuser-bench pipeline` and then `xfuser-bench parallel --mode M` for every
     python3 scripts/bench_compare.py parallel --modes cfg,ulysses,ring,pipefusion --rounds 3
 
 `cache` compares the step caches with the uncached loop, all in Rust: each round runs
-`xfuser-bench pipeline` plain, with `--use-fbcache` and with `--use-teacache`, both replaying
-`--pattern` (C: every block runs, S: the cached residual is reused, one letter per step), and
-prints the median ratio cached/uncached of each:
+`xfuser-bench pipeline` plain, with `--use-fbcache` replaying `--fb-pattern` and with
+`--use-teacache` replaying `--tea-pattern` (C: every block runs, S: the cached residual is
+reused, one letter per step), and prints the median ratio cached/uncached of each:
 
-    python3 scripts/bench_compare.py cache --pattern CCCSCSCS... --rounds 3 -- --steps 20
+    python3 scripts/bench_compare.py cache --fb-pattern CSSSC... --tea-pattern CSSCS... \
+        --rounds 3 -- --steps 20
 
 Arguments after `--` go to both benchmarks (same flag names on both sides). Before each run
 the script waits (up to --quiet-wait seconds) until no compiler runs on the machine, because
@@ -82,7 +83,8 @@ def main():
     p.add_argument("--modes", default="cfg,ulysses,ring,pipefusion",
                    help="parallel: the --mode values to compare with the serial loop")
     p.add_argument("--world", type=int, default=2, help="parallel: rank threads")
-    p.add_argument("--pattern", help="cache: the skip pattern both caches replay (C/S per step)")
+    p.add_argument("--fb-pattern", help="cache: First-Block-Cache's skip pattern (C/S per step)")
+    p.add_argument("--tea-pattern", help="cache: TeaCache's skip pattern (C/S per step)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rust-bin", default=str(ROOT / "target" / "release" / "xfuser-bench"))
     p.add_argument("--python", default=sys.executable)
@@ -132,18 +134,21 @@ def compare_parallel(args, extra):
 
 
 def compare_cache(args, extra):
-    if not args.pattern:
-        sys.exit("cache: give --pattern (C/S per step)")
+    if not args.fb_pattern or not args.tea_pattern:
+        sys.exit("cache: give --fb-pattern and --tea-pattern (C/S per step)")
     plain = [args.rust_bin, "pipeline", *extra]
-    caches = {"fbcache": "--use-fbcache", "teacache": "--use-teacache"}
+    caches = {
+        "fbcache": ("--use-fbcache", args.fb_pattern),
+        "teacache": ("--use-teacache", args.tea_pattern),
+    }
     ratios = {c: [] for c in caches}
     for r in range(args.rounds):
         wait_quiet(args.quiet_wait)
         base = run(plain, "rust_seconds")
         line = [f"round {r}: uncached {base:.3f}s"]
-        for name, flag in caches.items():
+        for name, (flag, pattern) in caches.items():
             wait_quiet(args.quiet_wait)
-            t = run([*plain, flag, "--cache-pattern", args.pattern], "rust_seconds")
+            t = run([*plain, flag, "--cache-pattern", pattern], "rust_seconds")
             ratios[name].append(t / base)
             line.append(f"{name} {t:.3f}s ({t / base:.3f})")
         print(", ".join(line), flush=True)

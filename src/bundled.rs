@@ -1,17 +1,20 @@
 //! The tiny PixArt-α pipeline compiled into the binary, so `xfuser generate` works on a fresh
-//! machine with no model downloaded. Its weights are random (it is the test fixture
-//! `tests/fixtures/pipelines/tiny-pixart-alpha`): the pictures it makes are noise-like, but
-//! every stage of the real pipeline runs on them.
+//! machine with no model downloaded: `tests/fixtures/pipelines/tiny-pixart-shapes`, trained by
+//! scripts/train_tiny_pixart.py to draw "a {colour} {shape} on a {colour} background" at 64 px
+//! (circle, square, triangle; red, green, blue, yellow, white, black). docs/trained-model.md
+//! says how it was trained and how well it draws.
 
 use std::path::PathBuf;
 
 use xfuser_core::{Error, Result};
 
+use crate::request::GenerateParams;
+
 macro_rules! bundle {
     ($($path:literal),* $(,)?) => {
         &[$(($path, include_bytes!(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/pipelines/tiny-pixart-alpha/",
+            "/tests/fixtures/pipelines/tiny-pixart-shapes/",
             $path
         )) as &[u8])),*]
     };
@@ -31,8 +34,23 @@ const FILES: &[(&str, &[u8])] = bundle!(
     "vae/diffusion_pytorch_model.safetensors",
 );
 
+/// The request defaults of the bundled model, where they differ from the general ones: it was
+/// trained at one size, which has no aspect-ratio table (so no resolution binning), and is
+/// sampled with its own step count and guidance (docs/trained-model.md).
+pub fn bundled_defaults() -> GenerateParams {
+    GenerateParams {
+        num_inference_steps: BUNDLED_STEPS,
+        guidance_scale: BUNDLED_GUIDANCE_SCALE,
+        use_resolution_binning: false,
+        ..GenerateParams::default()
+    }
+}
+
+const BUNDLED_STEPS: usize = 20;
+const BUNDLED_GUIDANCE_SCALE: f64 = 4.5;
+
 /// The name the bundled model goes by in output file names and messages.
-pub const BUNDLED_MODEL_NAME: &str = "tiny-pixart-alpha";
+pub const BUNDLED_MODEL_NAME: &str = "tiny-pixart-shapes";
 
 /// Writes the bundled pipeline into the temporary directory (once per content version) and
 /// returns its folder. The folder appears atomically: it is written under a private name and

@@ -3,16 +3,14 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::bundled::{bundled_model_dir, BUNDLED_MODEL_NAME};
+use crate::bundled::{bundled_defaults, bundled_model_dir, BUNDLED_MODEL_NAME};
 use crate::core::engine::{
     EngineConfig, OutputType, ParallelConfig, PipelineOutput, StepCache, StepCacheKind,
 };
 use crate::core::pipeline::DiffusionPipeline;
 use crate::core::registry::{attention_processor_entry, registered, Kind};
 use crate::pipelines::xFuserPipeline;
-use crate::request::{
-    GenerateParams, DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_SEED,
-};
+use crate::request::{GenerateParams, DEFAULT_SEED};
 use crate::serve::ServeConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -72,10 +70,12 @@ struct GenerateArgs {
     /// Image width in pixels; default: the model's.
     #[arg(long)]
     width: Option<usize>,
-    #[arg(long, alias = "num_inference_steps", default_value_t = DEFAULT_NUM_INFERENCE_STEPS)]
-    num_inference_steps: usize,
-    #[arg(long, alias = "guidance_scale", default_value_t = DEFAULT_GUIDANCE_SCALE)]
-    guidance_scale: f64,
+    /// Denoising steps; default: 20 (the bundled model: its own, see docs/trained-model.md).
+    #[arg(long, alias = "num_inference_steps")]
+    num_inference_steps: Option<usize>,
+    /// Classifier-free guidance scale (off at ≤ 1); default: 4.5 (the bundled model: its own).
+    #[arg(long, alias = "guidance_scale")]
+    guidance_scale: Option<f64>,
     /// Flux: classifier-free guidance with --negative-prompt, on above 1 (diffusers'
     /// true_cfg_scale); --guidance-scale is Flux-dev's embedded guidance.
     #[arg(long, alias = "true_cfg_scale", default_value_t = 1.0)]
@@ -88,7 +88,8 @@ struct GenerateArgs {
     output_type: OutputKind,
     #[arg(long, alias = "output_dir", default_value = "results")]
     output_dir: PathBuf,
-    /// Generate at the requested size instead of the nearest trained aspect-ratio bin.
+    /// Generate at the requested size instead of the nearest trained aspect-ratio bin (the
+    /// bundled model never bins: it has no aspect-ratio table).
     #[arg(long, alias = "no_use_resolution_binning")]
     no_use_resolution_binning: bool,
     /// Text tokens kept per prompt (T5); default: 120 (PixArt-α), 300 (PixArt-Σ), 256 (SD3),
@@ -271,14 +272,17 @@ fn list() {
 
 fn generate(args: GenerateArgs) -> Result<()> {
     let parallel = args.parallel.config();
+    let defaults = request_defaults(args.model.as_deref());
     // Everything that can be refused is refused before the model is loaded.
     let input = GenerateParams {
         prompts: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         height: args.height,
         width: args.width,
-        num_inference_steps: args.num_inference_steps,
-        guidance_scale: args.guidance_scale,
+        num_inference_steps: args
+            .num_inference_steps
+            .unwrap_or(defaults.num_inference_steps),
+        guidance_scale: args.guidance_scale.unwrap_or(defaults.guidance_scale),
         true_cfg_scale: args.true_cfg_scale,
         num_images_per_prompt: args.num_images_per_prompt,
         seed: args.seed,
@@ -287,7 +291,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
             OutputKind::Latent => OutputType::Latent,
         },
         max_sequence_length: args.max_sequence_length,
-        use_resolution_binning: !args.no_use_resolution_binning,
+        use_resolution_binning: !args.no_use_resolution_binning && defaults.use_resolution_binning,
     }
     .into_input()?;
     parallel.validate()?;
@@ -297,7 +301,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
 
     let (pipeline, model_name) = load(args.model.as_deref(), dtype, &parallel, step_cache)?;
 
-    let bar = progress_bar(args.num_inference_steps, args.quiet);
+    let bar = progress_bar(input.num_inference_steps, args.quiet);
     let output = pipeline.generate(&input, &mut |i, _| bar.set_position(i as u64))?;
     bar.finish_and_clear();
 
@@ -324,6 +328,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
         report_comm(&output);
     }
     Ok(())
+}
+
+/// The request defaults for `model` (None: the bundled model, which has its own).
+fn request_defaults(model: Option<&str>) -> GenerateParams {
+    match model {
+        None => bundled_defaults(),
+        Some(_) => GenerateParams::default(),
+    }
 }
 
 fn dtype(arg: DTypeArg) -> Result<DType> {
@@ -375,6 +387,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_queue: args.max_queue,
         model_name,
         max_sequence_length: args.max_sequence_length,
+        defaults: request_defaults(args.model.as_deref()),
         fail_on_prompt: args.fail_on_prompt.clone(),
     };
     crate::serve::run(

@@ -61,6 +61,9 @@ pub struct ServeConfig {
     pub model_name: String,
     /// Text tokens kept per prompt for every request; None: the pipeline's default.
     pub max_sequence_length: Option<usize>,
+    /// What a request that leaves a field out gets (steps, guidance, binning): the general
+    /// defaults, or the bundled model's own.
+    pub defaults: GenerateParams,
     /// Test aid: a request with exactly this prompt panics inside the worker, to check that
     /// a failed generation answers 500 and the server keeps serving. Never set it otherwise.
     pub fail_on_prompt: Option<String>,
@@ -94,6 +97,7 @@ pub fn run(
         model_name: config.model_name.clone(),
         class_name: pipeline.class_name(),
         max_sequence_length: config.max_sequence_length,
+        defaults: config.defaults.clone(),
     });
     let worker = {
         let shared = shared.clone();
@@ -164,6 +168,7 @@ struct Shared {
     model_name: String,
     class_name: &'static str,
     max_sequence_length: Option<usize>,
+    defaults: GenerateParams,
 }
 
 impl Shared {
@@ -474,7 +479,7 @@ fn params(
     guidance_scale: Option<f64>,
     use_resolution_binning: Option<bool>,
 ) -> GenerateParams {
-    let defaults = GenerateParams::default();
+    let defaults = shared.defaults.clone();
     GenerateParams {
         prompts: prompt.into_iter().collect(),
         negative_prompt: negative_prompt.unwrap_or(defaults.negative_prompt),
@@ -695,6 +700,7 @@ mod tests {
             model_name: "m".into(),
             class_name: "P",
             max_sequence_length: None,
+            defaults: GenerateParams::default(),
         }
     }
 

@@ -502,7 +502,7 @@ fn seed_decides_the_result() {
 // Where the model comes from
 // ---------------------------------------------------------------------------------------------
 
-/// No `--model`: the bundled tiny PixArt-α runs, and the PNG lands in `results/` under the
+/// No `--model`: the bundled tiny PixArt-α (trained) runs, and the PNG lands in `results/` under the
 /// working directory.
 #[test]
 fn bundled_model_writes_into_results() {
@@ -516,15 +516,15 @@ fn bundled_model_writes_into_results() {
         "--quiet",
     ]));
     r.assert_ok();
-    let name = format!("tiny-pixart-alpha_{STEM}_0.png");
+    let name = format!("tiny-pixart-shapes_{STEM}_0.png");
     let file = work.join("results").join(&name);
     assert!(file.is_file(), "{} missing", file.display());
     assert_eq!(entries(work.path()), vec!["results".to_string()]);
     assert_eq!(entries(&work.join("results")), vec![name.clone()]);
     assert_eq!(r.listed(), vec![Path::new("results").join(&name)]);
     let img = image::open(&file).expect("png");
-    // The model's default size: sample_size 32 × VAE factor 8.
-    assert_eq!((img.width(), img.height()), (256, 256));
+    // The model's default size: sample_size 16 × VAE factor 4.
+    assert_eq!((img.width(), img.height()), (64, 64));
 }
 
 /// A fake Hugging Face cache holding the α fixture as `org/tiny-pixart-alpha`.

@@ -135,4 +135,7 @@ pipeline_parity!(
     sigma_nonsquare_cfg,
     alpha_binning,
     sigma_binning,
+    // The trained bundled model (tiny-pixart-shapes) at its defaults: 20 steps, guidance 4.5,
+    // 120 text tokens.
+    shapes_cfg,
 );

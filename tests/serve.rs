@@ -284,7 +284,7 @@ fn health_page_and_the_cli_png() {
     let health = get(&server.url("/health"));
     assert_eq!(health.status, 200);
     assert_eq!(health.json()["status"], "ok");
-    assert_eq!(health.json()["model"], "tiny-pixart-alpha");
+    assert_eq!(health.json()["model"], "tiny-pixart-shapes");
 
     let page = get(&server.url("/"));
     assert_eq!(page.status, 200);

@@ -197,6 +197,7 @@ impl StepCacher for FirstBlockCache {
             }
             _ => None,
         };
+        tracing::debug!(step, reuse = reuse.is_some(), "first-block cache");
         let state = match reuse {
             Some(rest) => {
                 state.hidden = (&state.hidden + rest)?;
@@ -312,6 +313,7 @@ impl StepCacher for TeaCache {
         })?;
         let reuse = self.reuse(backbone, &modulated, ctx, step + 1 >= steps)?;
         let reuse = self.residual.is_some() && self.agreement.decide(step, reuse);
+        tracing::debug!(step, reuse, accumulated = self.accumulated, "teacache");
         self.previous_input = Some(modulated);
         let state = match (reuse, &self.residual) {
             (true, Some(residual)) => {
