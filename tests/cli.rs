@@ -863,11 +863,75 @@ fn zero_parallel_degree() {
     );
 }
 
-/// The methods not built yet are refused up front, naming the flag.
+/// Tensor parallelism gives every rank whole heads: degree 3 on the 2-head α fixture is
+/// refused, naming the flag and the heads.
 #[test]
-fn unbuilt_parallel_methods_are_refused() {
-    let flag = "--tensor-parallel-degree";
-    refused(&alpha_dir(), &[flag, "2"], &[flag, "not built yet"]);
+fn tensor_parallel_degree_must_divide_the_heads() {
+    refused(
+        &alpha_dir(),
+        &["--tensor-parallel-degree", "3"],
+        &["--tensor-parallel-degree 3", "2 attention heads"],
+    );
+}
+
+/// The models not split yet refuse tensor parallelism, naming themselves.
+#[test]
+fn sd3_refuses_tensor_parallelism() {
+    refused(
+        &sd3_dir().to_string_lossy(),
+        &["--tensor-parallel-degree", "2"],
+        &[
+            "--tensor-parallel-degree 2",
+            "SD3Transformer2DModel does not support tensor parallelism",
+        ],
+    );
+}
+
+/// `--tensor-parallel-degree 2` through the binary: the latents of the serial run (rel L2 ≤
+/// 1e-5), and `--report-comm`'s tp all-reduce bytes equal to the cost model of
+/// docs/tensor-parallel.md: per rank and forward, 3 all-reduces per block of the (B, N, D)
+/// f32 activations, 2(T−1)/T of them each.
+#[test]
+fn tensor_parallel_run_matches_serial() {
+    let serial_out = TempDir::new("tp-serial");
+    let args = with_flags(
+        quick_args(&alpha_dir(), serial_out.path()),
+        &["--output-type", "latent"],
+    );
+    let serial = latents_run(&args, serial_out.path(), "tiny-pixart-alpha");
+    let tp_out = TempDir::new("tp2");
+    let args = with_flags(
+        quick_args(&alpha_dir(), tp_out.path()),
+        &[
+            "--output-type",
+            "latent",
+            "--tensor-parallel-degree",
+            "2",
+            "--report-comm",
+        ],
+    );
+    let r = run(xfuser().args(&args));
+    r.assert_ok();
+    let name = format!("tiny-pixart-alpha_{STEM}_latents.safetensors");
+    let tp = read_latents(&tp_out.join(name));
+    let err = rel_l2(&tp, &serial).unwrap();
+    assert!(err <= 1e-5, "tp 2 vs serial: latents rel L2 {err:.3e}");
+    // α: D = 64, 2 blocks, patch 2; the latent's tokens (the size after resolution binning);
+    // guidance on → batch 2; 2 steps, 2 ranks.
+    let (_, _, h, w) = tp.dims4().unwrap();
+    let tokens = (h / 2) * (w / 2);
+    let (t, batch, dim, blocks, steps) = (2, 2, 64, 2, 2);
+    let per_all_reduce = 2 * (t - 1) * (batch * tokens * dim * 4) / t;
+    let expected = t * steps * 3 * blocks * per_all_reduce;
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.trim_start().starts_with("tp[0,1]") && l.contains("all_reduce_sum"))
+        .unwrap_or_else(|| panic!("no tp all-reduce line in:\n{}", r.stderr));
+    assert!(
+        line.contains(&format!(" {expected} bytes sent")),
+        "expected {expected} bytes: {line}"
+    );
 }
 
 /// Ulysses splits the heads: degree 3 on the 2-head α fixture is refused, naming the heads.

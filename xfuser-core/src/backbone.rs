@@ -211,6 +211,11 @@ pub struct ForwardContext {
     /// (`sp.slice()`, padded to `sp.padded_len()`), the processor exchanges what attention
     /// needs, and `head` gathers the tokens so that every sp rank returns the whole output.
     pub sp: Option<SpContext>,
+    /// Set for a tensor-parallel forward (`--tensor-parallel-degree` > 1): the rank's tp group,
+    /// over which a backbone loaded as one shard ([`crate::registry::LoadOptions::tp`])
+    /// all-reduces the outputs of its split layers. A backbone loaded as a shard refuses a
+    /// forward without it.
+    pub tp: Option<ProcessGroup>,
 }
 
 impl ForwardContext {
@@ -222,13 +227,21 @@ impl ForwardContext {
         Ok(Self {
             attention: Some(attention),
             sp: Some(sp),
+            tp: None,
         })
     }
 
-    /// True for a forward on one rank with the serial attention: its rows may be computed in
-    /// independent streams, since no processor exchanges with peers once per forward.
+    /// This context with the tensor-parallel group `tp` (None, or a group of 1: none).
+    pub fn with_tp(mut self, tp: Option<ProcessGroup>) -> Self {
+        self.tp = tp.filter(|g| g.size() > 1);
+        self
+    }
+
+    /// True for a forward on one rank with the serial attention and no tensor parallelism:
+    /// its rows may be computed in independent streams, since nothing exchanges with peers
+    /// once per forward.
     pub fn is_serial(&self) -> bool {
-        self.sp.is_none() && self.attention.is_none()
+        self.sp.is_none() && self.attention.is_none() && self.tp.is_none()
     }
 }
 

@@ -81,9 +81,9 @@ impl ParallelConfig {
             .unwrap_or(self.pipefusion_parallel_degree)
     }
 
-    /// Degrees must be at least 1, PipeFusion's settings must fit its degree, and the
-    /// method not built yet (tensor parallel) is refused rather than silently run serially.
-    /// Checks that need the model (heads divisible by the Ulysses degree, CFG parallel
+    /// Degrees must be at least 1 and PipeFusion's settings must fit its degree. Checks that
+    /// need the model (whether it supports tensor parallelism, heads divisible by the tensor-
+    /// parallel and Ulysses degrees, CFG parallel
     /// needing guidance, stage sizes summing to the layers) come later, from
     /// [`crate::distributed::RankMesh::validate_for_model`] and
     /// [`crate::backbone::stage_layer_ranges`], still before any work.
@@ -102,13 +102,6 @@ impl ParallelConfig {
             return Err(Error::invalid(format!("{flag} must be at least 1")));
         }
         self.validate_pipefusion()?;
-        if self.tensor_parallel_degree > 1 {
-            return Err(Error::Unsupported(
-                "--tensor-parallel-degree > 1: tensor parallelism is not built yet; use data, \
-                 CFG, Ulysses or Ring parallelism"
-                    .into(),
-            ));
-        }
         Ok(())
     }
 
@@ -394,7 +387,7 @@ mod tests {
     }
 
     #[test]
-    fn zero_and_unbuilt_degrees_are_refused() {
+    fn zero_degrees_are_refused() {
         assert!(ParallelConfig::default().validate().is_ok());
         let p = ParallelConfig {
             ulysses_degree: 2,
@@ -405,13 +398,11 @@ mod tests {
         assert!(p.validate().is_ok());
         let tp = ParallelConfig {
             tensor_parallel_degree: 2,
+            ulysses_degree: 2,
             ..Default::default()
         };
-        assert!(tp
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("--tensor-parallel-degree > 1"));
+        assert_eq!(tp.world_size(), 4);
+        assert!(tp.validate().is_ok());
         let zero = ParallelConfig {
             ring_degree: 0,
             ..Default::default()

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::attention::AttentionProcessor;
 use crate::backbone::{Backbone, PipelineStage, SpContext};
+use crate::distributed::TpRank;
 use crate::engine::EngineConfig;
 use crate::pipeline::DiffusionPipeline;
 use crate::scheduler::Scheduler;
@@ -25,6 +26,10 @@ pub struct LoadOptions {
     /// A transformer for one PipeFusion stage: only that stage's weights. A loader that cannot
     /// split its model refuses it.
     pub stage: Option<PipelineStage>,
+    /// A transformer for one tensor-parallel position: shard `tp.index` of `tp.size` of every
+    /// split layer (the rest whole). Only loaders registered with
+    /// [`TransformerEntry::tensor_parallel`] honour it; the default is the whole model.
+    pub tp: TpRank,
 }
 
 impl Default for LoadOptions {
@@ -33,6 +38,7 @@ impl Default for LoadOptions {
             dtype: candle_core::DType::F32,
             device: candle_core::Device::Cpu,
             stage: None,
+            tp: TpRank::serial(),
         }
     }
 }
@@ -51,6 +57,11 @@ pub struct TransformerEntry {
     /// alone (`file` is for errors), so that a configuration the model cannot split is
     /// refused before any weights are read.
     pub shape: fn(config: &serde_json::Value, file: &Path) -> Result<ModelShape>,
+    /// Whether `load` honours [`LoadOptions::tp`] (the model splits its attention and
+    /// feed-forward over a tensor-parallel group and its forward reads
+    /// [`crate::backbone::ForwardContext::tp`]). The runtime refuses
+    /// `--tensor-parallel-degree` > 1 for a model without it, naming the model.
+    pub tensor_parallel: bool,
 }
 
 /// The sizes of a transformer that parallel degrees must fit.

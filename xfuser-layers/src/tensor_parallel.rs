@@ -37,6 +37,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor, D};
 use candle_nn::VarBuilder;
 use xfuser_core::distributed::ProcessGroup;
+pub use xfuser_core::distributed::TpRank;
 use xfuser_core::kernels;
 use xfuser_core::{Error, Result};
 
@@ -194,10 +195,10 @@ impl ShardSource for SafetensorsShards {
         let view = self
             .inner
             .get(&path)
-            .map_err(|_| self.error(format!("no tensor `{path}` in the checkpoint")))?;
+            .map_err(|_| self.error(format!("cannot find tensor `{path}` in the checkpoint")))?;
         if view.shape() != shape {
             return Err(self.error(format!(
-                "tensor `{path}` has shape {:?}, expected {shape:?}",
+                "tensor `{path}` has the wrong shape: expected: {shape:?}, got: {:?}",
                 view.shape()
             )));
         }
@@ -245,6 +246,57 @@ impl ShardSource for SafetensorsShards {
         }
         let tensor = Tensor::from_raw_buffer(&bytes, stored, &out_shape, &self.device)?;
         Ok(tensor.to_dtype(self.dtype)?)
+    }
+}
+
+/// Where a model's split layers read their weights: the model's [`VarBuilder`] (a model built
+/// in memory, as tests build them; each full tensor is read, its shard copied out), or the
+/// checkpoint's files, of which each rank copies only its shard ([`SafetensorsShards`]).
+/// [`pp`](Self::pp) walks down the module tree as a VarBuilder's does.
+#[derive(Clone)]
+pub enum SplitWeights<'a> {
+    VarBuilder(VarBuilder<'a>),
+    Files(SafetensorsShards),
+}
+
+impl std::fmt::Debug for SplitWeights<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::VarBuilder(vb) => write!(f, "SplitWeights::VarBuilder({})", vb.prefix()),
+            Self::Files(files) => write!(f, "SplitWeights::Files({files:?})"),
+        }
+    }
+}
+
+impl SplitWeights<'_> {
+    /// The source under `name`.
+    pub fn pp(&self, name: impl ToString) -> Self {
+        match self {
+            Self::VarBuilder(vb) => Self::VarBuilder(vb.pp(name)),
+            Self::Files(files) => Self::Files(files.pp(name)),
+        }
+    }
+}
+
+impl ShardSource for SplitWeights<'_> {
+    fn prefix(&self) -> String {
+        match self {
+            Self::VarBuilder(vb) => ShardSource::prefix(vb),
+            Self::Files(files) => files.prefix(),
+        }
+    }
+
+    fn load_shard(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dim: usize,
+        ranges: &[Range<usize>],
+    ) -> Result<Tensor> {
+        match self {
+            Self::VarBuilder(vb) => vb.load_shard(name, shape, dim, ranges),
+            Self::Files(files) => files.load_shard(name, shape, dim, ranges),
+        }
     }
 }
 
@@ -376,46 +428,6 @@ fn check_input(kind: &str, layer: &str, what: &str, xs: &Tensor, expected: usize
 
 const COLUMN: &str = "column-parallel linear";
 const ROW: &str = "row-parallel linear";
-
-/// Which shard of a tensor-parallel layer a rank holds: its position `index` in a group of
-/// `size` members. Loading needs only this; the group itself is passed to the forwards, so a
-/// model loaded once per tp position can be shared by the ranks of the other axes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TpRank {
-    pub index: usize,
-    pub size: usize,
-}
-
-impl TpRank {
-    /// Shard `index` of `size`; refuses an index out of range or a size of 0.
-    pub fn new(index: usize, size: usize) -> Result<Self> {
-        if index >= size {
-            return Err(Error::invalid(format!(
-                "tensor-parallel shard {index} of {size}: the index must be below the degree"
-            )));
-        }
-        Ok(Self { index, size })
-    }
-
-    /// The whole layer on one rank.
-    pub fn serial() -> Self {
-        Self { index: 0, size: 1 }
-    }
-
-    /// This rank's shard in `group`.
-    pub fn of(group: &ProcessGroup) -> Self {
-        Self {
-            index: group.index(),
-            size: group.size(),
-        }
-    }
-}
-
-impl From<&ProcessGroup> for TpRank {
-    fn from(group: &ProcessGroup) -> Self {
-        Self::of(group)
-    }
-}
 
 /// y_r = x · W_rᵀ + b_r, W_r this rank's rows of the (out, in) weight: the output features
 /// split over the group, no communication (unless the output is gathered).

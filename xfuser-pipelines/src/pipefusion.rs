@@ -90,14 +90,18 @@ impl StageContexts {
                 Ok(ForwardContext {
                     attention: Some(Arc::new(processor.for_patch(&sp)?)),
                     sp: Some(sp),
-                })
+                    tp: None,
+                }
+                .with_tp(Some(rank.tp_group().clone())))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             whole: ForwardContext {
                 attention: Some(Arc::new(processor)),
                 sp: Some(sp_whole),
-            },
+                tp: None,
+            }
+            .with_tp(Some(rank.tp_group().clone())),
             patches,
         })
     }

@@ -136,12 +136,14 @@ impl PixArtPipeline {
         Self::load(&PIXART_ALPHA, &dir, engine)
     }
 
-    /// The transformer (with PipeFusion: its first stage, which knows the model's facts).
+    /// The transformer (with PipeFusion or tensor parallelism: its first stage's first shard,
+    /// which knows the model's facts).
     pub fn transformer(&self) -> &dyn Backbone {
         self.runtime.transformer()
     }
 
-    /// The parts of the transformer, one per PipeFusion stage (one in all when P = 1).
+    /// The parts of the transformer, one per PipeFusion stage and tensor-parallel position,
+    /// stage-major (one in all when P = T = 1).
     pub fn stage_transformers(&self) -> impl Iterator<Item = &dyn Backbone> {
         self.runtime.stage_transformers()
     }

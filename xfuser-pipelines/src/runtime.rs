@@ -14,15 +14,15 @@ use std::path::Path;
 use candle_core::Tensor;
 use xfuser_core::backbone::{Backbone, ForwardContext, PipelineStage, SpContext};
 use xfuser_core::distributed::{
-    launch_local, Axis, CfgUse, InputMetadata, LaunchOptions, ProcessGroup, RankContext, RankMesh,
-    RuntimeState,
+    launch_local, Axis, CfgUse, InputMetadata, LaunchOptions, ProcessGroup, RankContext,
+    RankCoords, RankMesh, RuntimeState, TpRank,
 };
 use xfuser_core::engine::{
     EngineConfig, InputConfig, OutputType, ParallelConfig, PipelineOutput, RgbImage, RuntimeConfig,
 };
 use xfuser_core::random::Generator;
 use xfuser_core::registry::{
-    load_transformer, resolve_class_name, transformer_shape, Kind, LoadOptions,
+    load_transformer, resolve_class_name, transformer_entry, transformer_shape, Kind, LoadOptions,
 };
 use xfuser_core::scheduler::Scheduler;
 use xfuser_core::{Error, Result};
@@ -74,7 +74,9 @@ pub trait DenoisingPipeline: Sync {
 
 /// A loaded transformer and the parallel configuration it runs under.
 pub struct DiTRuntime {
-    /// The whole transformer, or with PipeFusion one part per stage, in stage order.
+    /// The whole transformer, or one part per (PipeFusion stage, tensor-parallel position):
+    /// stage-major, the tp position fastest (index `pp·T + tp`). The ranks of the other axes
+    /// (dp, cfg, sp) at the same (pp, tp) share one.
     transformers: Vec<Box<dyn Backbone>>,
     vae_scale_factor: usize,
     parallel: ParallelConfig,
@@ -91,8 +93,9 @@ struct BatchSlice {
 impl DiTRuntime {
     /// Loads the transformer in `dir` for `engine`'s parallel configuration. Its class must
     /// be one of `accepts` (the backbones `pipeline` is made for); degrees are checked against
-    /// its config before any weights are read, and with PipeFusion each stage reads only its
-    /// blocks.
+    /// its config before any weights are read (tensor parallelism also against its
+    /// registration), with PipeFusion each stage reads only its blocks, and with tensor
+    /// parallelism each tp position only its shard of the split layers.
     pub fn load(
         dir: &Path,
         pipeline: &str,
@@ -117,35 +120,38 @@ impl DiTRuntime {
                 ),
             });
         }
+        let tp = parallel.tensor_parallel_degree;
+        if tp > 1 && !transformer_entry(&name, &config)?.tensor_parallel {
+            return Err(Error::Unsupported(format!(
+                "--tensor-parallel-degree {tp}: {class} does not support tensor parallelism \
+                 (only {} does so far); use --tensor-parallel-degree 1 with data, CFG, \
+                 Ulysses, Ring or PipeFusion parallelism",
+                tensor_parallel_models()
+            )));
+        }
         if !parallel.is_serial() {
             let shape = transformer_shape(dir)?;
             RankMesh::new(parallel)?
                 .validate_for_shape(shape.num_attention_heads, shape.num_layers)?;
         }
-        let options = LoadOptions {
-            dtype: engine.model.dtype,
-            device: engine.model.device.clone(),
-            stage: None,
-        };
         let pp = parallel.pipefusion_parallel_degree;
-        let transformers = if pp > 1 {
-            (0..pp)
-                .map(|index| {
-                    let stage = PipelineStage {
-                        index,
-                        num_stages: pp,
-                        layer_counts: parallel.attn_layer_num_for_pp.clone(),
-                    };
-                    let options = LoadOptions {
-                        stage: Some(stage),
-                        ..options.clone()
-                    };
-                    load_transformer(dir, &options)
-                })
-                .collect::<Result<Vec<_>>>()?
-        } else {
-            vec![load_transformer(dir, &options)?]
-        };
+        let mut transformers = Vec::with_capacity(pp * tp);
+        for index in 0..pp {
+            let stage = (pp > 1).then(|| PipelineStage {
+                index,
+                num_stages: pp,
+                layer_counts: parallel.attn_layer_num_for_pp.clone(),
+            });
+            for position in 0..tp {
+                let options = LoadOptions {
+                    dtype: engine.model.dtype,
+                    device: engine.model.device.clone(),
+                    stage: stage.clone(),
+                    tp: TpRank::new(position, tp)?,
+                };
+                transformers.push(load_transformer(dir, &options)?);
+            }
+        }
         Ok(Self {
             transformers,
             vae_scale_factor,
@@ -154,14 +160,22 @@ impl DiTRuntime {
         })
     }
 
-    /// The transformer (with PipeFusion: its first stage, which knows the model's facts).
+    /// The transformer (with PipeFusion or tensor parallelism: its first stage's first
+    /// shard, which knows the model's facts).
     pub fn transformer(&self) -> &dyn Backbone {
         self.transformers[0].as_ref()
     }
 
-    /// The parts of the transformer, one per PipeFusion stage (one in all when P = 1).
+    /// The parts of the transformer, one per PipeFusion stage and tensor-parallel position,
+    /// stage-major with the tp position fastest (one in all when P = T = 1).
     pub fn stage_transformers(&self) -> impl Iterator<Item = &dyn Backbone> {
         self.transformers.iter().map(|t| t.as_ref())
+    }
+
+    /// The part the rank at `coords` runs: its stage's shard for its tp position.
+    fn rank_transformer(&self, coords: &RankCoords) -> &dyn Backbone {
+        let tp = self.parallel.tensor_parallel_degree;
+        self.transformers[coords.pp * tp + coords.tp].as_ref()
     }
 
     pub fn vae_scale_factor(&self) -> usize {
@@ -324,7 +338,7 @@ impl DiTRuntime {
             Some(rank) if pp > 1 => {
                 let metadata = self.runtime_metadata(rank.mesh(), shape, slice.len, input)?;
                 let config = PipeFusionConfig {
-                    backbone: self.transformers[rank.coords().pp].as_ref(),
+                    backbone: self.rank_transformer(&rank.coords()),
                     scheduler: scheduler.as_ref(),
                     rank,
                     metadata: &metadata,
@@ -340,12 +354,15 @@ impl DiTRuntime {
                 )?
             }
             _ => {
-                let ctx = match rank {
-                    Some(rank) => self.forward_context(rank, shape, slice.len, input)?,
-                    None => ForwardContext::default(),
+                let (ctx, backbone) = match rank {
+                    Some(rank) => (
+                        self.forward_context(rank, shape, slice.len, input)?,
+                        self.rank_transformer(&rank.coords()),
+                    ),
+                    None => (ForwardContext::default(), self.transformer()),
                 };
                 Some(denoise_with_cache(
-                    self.transformer(),
+                    backbone,
                     scheduler.as_ref(),
                     latents,
                     &guidance,
@@ -399,8 +416,8 @@ impl DiTRuntime {
             .clone())
     }
 
-    /// The sequence-parallel forward context of `rank` for this request's shape, or the
-    /// serial one when the sp degree is 1.
+    /// The forward context of `rank` for this request's shape: sequence parallel when the sp
+    /// degree is above 1, with the rank's tp group when the tp degree is.
     fn forward_context(
         &self,
         rank: &RankContext,
@@ -408,8 +425,9 @@ impl DiTRuntime {
         batch: usize,
         input: &InputConfig,
     ) -> Result<ForwardContext> {
+        let tp = Some(rank.tp_group().clone());
         if rank.mesh().degree(Axis::Sp) == 1 {
-            return Ok(ForwardContext::default());
+            return Ok(ForwardContext::default().with_tp(tp));
         }
         let mut state = RuntimeState::new(
             rank.mesh(),
@@ -425,7 +443,7 @@ impl DiTRuntime {
         )?;
         let sp = SpContext::from_rank(rank, metadata.full.clone())?;
         let method = sp.method_name();
-        ForwardContext::sequence_parallel(method, sp)
+        Ok(ForwardContext::sequence_parallel(method, sp)?.with_tp(tp))
     }
 
     /// Runs every rank of the parallel configuration as a thread, forwards rank 0's progress
@@ -474,6 +492,19 @@ impl DiTRuntime {
             comm_stats: Some(stats),
             cache_stats,
         })
+    }
+}
+
+/// The registered transformers that support tensor parallelism, for the refusal message.
+fn tensor_parallel_models() -> String {
+    let names: Vec<&str> = xfuser_core::inventory::iter::<xfuser_core::registry::TransformerEntry>
+        .into_iter()
+        .filter(|e| e.tensor_parallel)
+        .map(|e| e.class_name)
+        .collect();
+    match names.is_empty() {
+        true => "no registered model".into(),
+        false => names.join(", "),
     }
 }
 

@@ -19,6 +19,7 @@ use xfuser_core::kernels;
 use xfuser_core::registry::{LoadOptions, ModelShape};
 use xfuser_core::weights::WeightFiles;
 use xfuser_core::{Error, Result};
+use xfuser_layers::tensor_parallel::{SafetensorsShards, SplitWeights};
 
 /// A configuration this port cannot run: the offending field and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +139,16 @@ pub fn load_stage<C: ModelConfig, M>(
     options: &LoadOptions,
     build: impl FnOnce(&C, VarBuilder<'static>, Option<&PipelineStage>) -> candle_core::Result<M>,
 ) -> Result<(M, u64)> {
+    let config: C = checked_config(dir, options)?;
+    let weights = WeightFiles::find(dir, "diffusion_pytorch_model")?;
+    let (vb, loaded) = weights.counting_var_builder(options.dtype, &options.device)?;
+    let model = build(&config, vb, options.stage.as_ref()).map_err(|e| weights.error(e))?;
+    Ok((model, loaded.get()))
+}
+
+/// `dir/config.json`, parsed and checked, and the stage of `options` checked against it (a
+/// stage that does not fit the model is a configuration error, not the weights').
+fn checked_config<C: ModelConfig>(dir: &Path, options: &LoadOptions) -> Result<C> {
     let file = dir.join("config.json");
     let config: C = xfuser_core::config::read_json_config(&file)?;
     config.check().map_err(|p| Error::Config {
@@ -146,12 +157,40 @@ pub fn load_stage<C: ModelConfig, M>(
         message: p.message,
     })?;
     if let Some(stage) = &options.stage {
-        // A stage that does not fit the model is a configuration error, not the weights'.
         stage.layers(config.shape().num_layers)?;
     }
+    Ok(config)
+}
+
+/// As [`load_stage`] for a model that splits layers over a tensor-parallel group
+/// ([`LoadOptions::tp`]): `build` gets, besides the VarBuilder of the replicated modules, the
+/// [`SplitWeights`] of the checkpoint's files, from which each split layer copies only its
+/// shard. The bytes returned are those the VarBuilder fetched; the model adds its split
+/// layers' own. Errors name the file, and the field or tensor at fault.
+pub fn load_stage_split<C: ModelConfig, M>(
+    dir: &Path,
+    options: &LoadOptions,
+    build: impl FnOnce(
+        &C,
+        VarBuilder<'static>,
+        SplitWeights<'static>,
+        Option<&PipelineStage>,
+    ) -> Result<M>,
+) -> Result<(M, u64)> {
+    let config: C = checked_config(dir, options)?;
     let weights = WeightFiles::find(dir, "diffusion_pytorch_model")?;
     let (vb, loaded) = weights.counting_var_builder(options.dtype, &options.device)?;
-    let model = build(&config, vb, options.stage.as_ref()).map_err(|e| weights.error(e))?;
+    let files = SafetensorsShards::open(&weights.files, options.dtype, &options.device)?;
+    let model = build(
+        &config,
+        vb,
+        SplitWeights::Files(files),
+        options.stage.as_ref(),
+    )
+    .map_err(|e| match e {
+        Error::Candle(e) => weights.error(e),
+        e => e,
+    })?;
     Ok((model, loaded.get()))
 }
 

@@ -32,12 +32,14 @@ use xfuser_core::backbone::{
     names, Backbone, BackboneInfo, BackboneInputs, BlockState, Conditioning, ForwardContext,
     PipelineStage,
 };
+use xfuser_core::distributed::{ProcessGroup, TpRank};
 use xfuser_core::kernels;
 use xfuser_core::registry::{ClassAlias, Kind, LoadOptions, ModelShape, TransformerEntry};
 use xfuser_core::{Error, Result};
 use xfuser_layers::embeddings::{PatchEmbed, PixArtAlphaTextProjection};
-use xfuser_layers::feed_forward::{FeedForward, FeedForwardActivation};
+use xfuser_layers::feed_forward::{FeedForwardActivation, ParallelFeedForward};
 use xfuser_layers::normalization::{AdaLayerNormSingle, LayerNorm};
+use xfuser_layers::tensor_parallel::{ColumnParallelLinear, RowParallelLinear, SplitWeights};
 
 pub use crate::backbone_common::ConfigProblem;
 use crate::backbone_common::{self as common, ModelConfig, StageLayers};
@@ -254,20 +256,48 @@ impl ModelConfig for Config {
 /// `to_out.0`). The projections that read the same input run as one matrix product (q, k
 /// and v for self-attention; k and v for cross-attention), and the head split and the biases
 /// are one pass ([`kernels::split_heads`]).
+///
+/// Split over a tensor-parallel group of T: `to_q/to_k/to_v` are column-parallel (this rank's
+/// H/T whole heads), `to_out.0` row-parallel; the outputs are this rank's partial products,
+/// which the block all-reduces. With T = 1 they are the whole outputs.
 #[derive(Debug)]
 struct Attention {
-    /// Self-attention: [to_q; to_k; to_v] (3·inner, D); cross-attention: to_q (inner, D).
+    /// Self-attention: [to_q; to_k; to_v] (3·inner/T, D); cross-attention: to_q (inner/T, D).
     w_in: Tensor,
     b_in: Option<Tensor>,
-    /// Cross-attention: [to_k; to_v] (2·inner, kv_dim) and their biases.
+    /// Cross-attention: [to_k; to_v] (2·inner/T, kv_dim) and their biases.
     kv: Option<(Tensor, Option<Tensor>)>,
-    to_out: Linear,
+    to_out: RowParallelLinear,
+    /// This rank's heads, H/T.
     heads: usize,
     head_dim: usize,
     /// Cross-attention: the text keys and values of the last encoder tensors seen, by tensor
     /// id. The text is the same tensor at every step of a denoising loop, so they are
     /// computed once per loop (candle tensors are immutable: an id names one content).
     kv_cache: Mutex<Vec<(TensorId, Tensor, Tensor)>>,
+    /// Bytes of the weights this rank keeps.
+    parameter_bytes: usize,
+}
+
+/// Column-parallel layers that read the same input as one matrix product: their local
+/// weights stacked (as [`kernels::gemm_friendly_weight`]) and their bias slices joined.
+fn fuse_columns(ls: &[&ColumnParallelLinear]) -> Result<(Tensor, Option<Tensor>)> {
+    let w = Tensor::cat(&ls.iter().map(|l| l.weight()).collect::<Vec<_>>(), 0)?;
+    let w = kernels::gemm_friendly_weight(&w)?;
+    let b = match ls.iter().map(|l| l.bias()).collect::<Option<Vec<_>>>() {
+        Some(bs) => Some(Tensor::cat(&bs, 0)?),
+        None => None,
+    };
+    Ok((w, b))
+}
+
+/// The sum over the tp group of a split layer's partial products (None: the whole model on
+/// this rank, the partial is the output).
+fn all_reduce(partial: Tensor, tp: Option<&ProcessGroup>) -> Result<Tensor> {
+    match tp {
+        Some(group) => group.all_reduce_sum(&partial),
+        None => Ok(partial),
+    }
 }
 
 /// Encoder tensors whose text keys/values a cross-attention keeps (e.g. both CFG halves of
@@ -275,6 +305,9 @@ struct Attention {
 const KV_CACHE_ENTRIES: usize = 2;
 
 impl Attention {
+    /// Shard `tp` of the attention at `weights` (`heads` must divide by `tp.size`, checked
+    /// by the model).
+    #[allow(clippy::too_many_arguments)]
     fn new(
         query_dim: usize,
         kv_dim: usize,
@@ -282,33 +315,40 @@ impl Attention {
         head_dim: usize,
         bias: bool,
         cross: bool,
-        vb: VarBuilder,
-    ) -> candle_core::Result<Self> {
+        tp: TpRank,
+        weights: &SplitWeights,
+    ) -> Result<Self> {
         let inner = heads * head_dim;
-        let proj = |in_dim, name| candle_nn::linear_b(in_dim, inner, bias, vb.pp(name));
+        let proj =
+            |in_dim, name| ColumnParallelLinear::load(in_dim, inner, bias, tp, &weights.pp(name));
         let (to_q, to_k, to_v) = (
             proj(query_dim, "to_q")?,
             proj(kv_dim, "to_k")?,
             proj(kv_dim, "to_v")?,
         );
-        let fuse = common::fuse_linears;
+        let to_out = RowParallelLinear::load(inner, query_dim, true, tp, &weights.pp("to_out.0"))?;
+        let parameter_bytes = [&to_q, &to_k, &to_v]
+            .iter()
+            .map(|l| l.parameter_bytes())
+            .sum::<usize>()
+            + to_out.parameter_bytes();
         let ((w_in, b_in), kv) = if cross {
-            (fuse(&[&to_q])?, Some(fuse(&[&to_k, &to_v])?))
+            (
+                fuse_columns(&[&to_q])?,
+                Some(fuse_columns(&[&to_k, &to_v])?),
+            )
         } else {
-            (fuse(&[&to_q, &to_k, &to_v])?, None)
+            (fuse_columns(&[&to_q, &to_k, &to_v])?, None)
         };
         Ok(Self {
             w_in,
             b_in,
             kv,
-            to_out: kernels::gemm_friendly_linear(&candle_nn::linear(
-                inner,
-                query_dim,
-                vb.pp("to_out.0"),
-            )?)?,
-            heads,
+            to_out,
+            heads: heads / tp.size,
             head_dim,
             kv_cache: Mutex::new(Vec::new()),
+            parameter_bytes,
         })
     }
 
@@ -327,22 +367,24 @@ impl Attention {
         kernels::split_heads(&kernels::matmul_t(xs, w)?, b, parts, self.heads)
     }
 
-    /// (B, H, S, Dh) -> (B, S, H·Dh) -> to_out's matrix product, its bias not yet added.
-    fn merge_heads_and_project(&self, xs: Tensor) -> candle_core::Result<Tensor> {
+    /// (B, H/T, S, Dh) -> (B, S, H/T·Dh) -> to_out's partial matrix product, not reduced,
+    /// its bias not yet added.
+    fn merge_heads_and_project(&self, xs: Tensor) -> Result<Tensor> {
         let (b, _, s, _) = xs.dims4()?;
         let merged =
             xs.transpose(1, 2)?
                 .contiguous()?
                 .reshape((b, s, self.heads * self.head_dim))?;
-        kernels::matmul_t(&merged, self.to_out.weight())
+        self.to_out.forward_partial(&merged)
     }
 
     fn out_bias(&self) -> Option<&Tensor> {
         self.to_out.bias()
     }
 
-    /// Self-attention over the image tokens, through the runtime's processor; returns the
-    /// output without to_out's bias ([`Self::out_bias`]).
+    /// Self-attention over the image tokens, through the runtime's processor; returns this
+    /// rank's partial output (the whole one when T = 1) without to_out's bias
+    /// ([`Self::out_bias`]).
     fn self_attention(
         &self,
         xs: &Tensor,
@@ -353,13 +395,13 @@ impl Attention {
         if processor.name() == SerialAttention.name() {
             // The serial processor's math, fused, with the heads merged on the way.
             let out = kernels::attention_merged(&qkv[0], &qkv[1], &qkv[2], None, self.scale())?;
-            return Ok(kernels::matmul_t(&out, self.to_out.weight())?);
+            return self.to_out.forward_partial(&out);
         }
         let out = processor.self_attention(layer, &qkv[0], &qkv[1], &qkv[2], self.scale())?;
-        Ok(self.merge_heads_and_project(out)?)
+        self.merge_heads_and_project(out)
     }
 
-    /// The text keys and values (B, H, L, Dh), from the cache when `encoder` was seen.
+    /// The text keys and values (B, H/T, L, Dh), from the cache when `encoder` was seen.
     fn text_kv(&self, encoder: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let id = encoder.id();
         let mut cache = self.kv_cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -377,8 +419,9 @@ impl Attention {
         Ok((k, v))
     }
 
-    /// Cross-attention from the image tokens to the text tokens; `bias` masks text padding.
-    /// Returns the output without to_out's bias ([`Self::out_bias`]).
+    /// Cross-attention from the image tokens to the text tokens (this rank's heads); `bias`
+    /// masks text padding. Returns this rank's partial output without to_out's bias
+    /// ([`Self::out_bias`]).
     fn cross_attention(
         &self,
         xs: &Tensor,
@@ -391,7 +434,7 @@ impl Attention {
             .expect("one part");
         let (k, v) = self.text_kv(encoder)?;
         let out = kernels::attention_merged(&q, &k, &v, bias, self.scale())?;
-        Ok(kernels::matmul_t(&out, self.to_out.weight())?)
+        self.to_out.forward_partial(&out)
     }
 }
 
@@ -403,18 +446,22 @@ struct BasicTransformerBlock {
     attn1: Attention,
     norm2: LayerNorm,
     attn2: Option<Attention>,
-    ff: FeedForward,
+    ff: ParallelFeedForward,
     /// (6, D): per-block offsets of shift/scale/gate for attention and feed-forward.
     scale_shift_table: Tensor,
     dim: usize,
 }
 
 impl BasicTransformerBlock {
+    /// Shard `tp` of the block: attention and feed-forward split (from `weights`), the
+    /// norms and the modulation table whole (from `vb`).
     fn new(
         cfg: &Config,
         activation: FeedForwardActivation,
+        tp: TpRank,
         vb: VarBuilder,
-    ) -> candle_core::Result<Self> {
+        weights: &SplitWeights,
+    ) -> Result<Self> {
         let dim = cfg.inner_dim();
         let (heads, head_dim) = (cfg.num_attention_heads, cfg.attention_head_dim);
         let norm =
@@ -427,7 +474,8 @@ impl BasicTransformerBlock {
                 head_dim,
                 cfg.attention_bias,
                 true,
-                vb.pp("attn2"),
+                tp,
+                &weights.pp("attn2"),
             )?),
             None => None,
         };
@@ -440,11 +488,12 @@ impl BasicTransformerBlock {
                 head_dim,
                 cfg.attention_bias,
                 false,
-                vb.pp("attn1"),
+                tp,
+                &weights.pp("attn1"),
             )?,
             norm2: norm("norm2")?,
             attn2,
-            ff: FeedForward::new(dim, 4 * dim, activation, vb.pp("ff"))?,
+            ff: ParallelFeedForward::load(dim, 4 * dim, activation, tp, &weights.pp("ff"))?,
             scale_shift_table: vb.get((6, dim), "scale_shift_table")?,
             dim,
         })
@@ -469,40 +518,65 @@ impl BasicTransformerBlock {
         Ok(self.norm1.forward_modulated(hidden, &m[0], &m[1])?)
     }
 
-    /// hidden (B, N, D) -> (B, N, D); `state` supplies the text and the conditioning.
+    /// Bytes of the split layers' weights this rank keeps.
+    fn split_parameter_bytes(&self) -> usize {
+        self.attn1.parameter_bytes
+            + self.attn2.as_ref().map_or(0, |a| a.parameter_bytes)
+            + self.ff.parameter_bytes()
+    }
+
+    /// hidden (B, N, D) -> (B, N, D); `state` supplies the text and the conditioning; `tp`
+    /// the group the split layers' partial outputs are all-reduced over (None: whole layers).
     fn forward(
         &self,
         hidden: &Tensor,
         state: &BlockState,
         layer: usize,
         processor: &dyn AttentionProcessor,
+        tp: Option<&ProcessGroup>,
     ) -> Result<Tensor> {
         let m = self.modulation(state, hidden.dim(0)?)?;
         let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
 
         let normed = self.norm1.forward_modulated(hidden, shift_msa, scale_msa)?;
-        let attn = self.attn1.self_attention(&normed, layer, processor)?;
+        let attn = all_reduce(self.attn1.self_attention(&normed, layer, processor)?, tp)?;
         let mut hidden =
             kernels::gated_residual(hidden, Some(gate_msa), &attn, self.attn1.out_bias())?;
 
         if let Some(attn2) = &self.attn2 {
             let text = state.text(CLASS_NAME)?;
-            let attn = attn2.cross_attention(&hidden, text, state.encoder_bias.as_ref())?;
+            let attn = all_reduce(
+                attn2.cross_attention(&hidden, text, state.encoder_bias.as_ref())?,
+                tp,
+            )?;
             hidden = kernels::gated_residual(&hidden, None, &attn, attn2.out_bias())?;
         }
 
         let normed = self
             .norm2
             .forward_modulated(&hidden, shift_mlp, scale_mlp)?;
-        let (ff, ff_bias) = self.ff.forward_without_out_bias(&normed)?;
+        let ff = all_reduce(self.ff.forward_partial(&normed)?, tp)?;
         Ok(kernels::gated_residual(
             &hidden,
             Some(gate_mlp),
             &ff,
-            ff_bias,
+            self.ff.out_bias(),
         )?)
     }
+}
+
+/// A tensor-parallel degree must give every rank whole heads (and so divide the hidden and
+/// feed-forward sizes too).
+fn check_tp_heads(cfg: &Config, tp: TpRank) -> Result<()> {
+    if tp.size == 0 || !cfg.num_attention_heads.is_multiple_of(tp.size) {
+        return Err(Error::invalid(format!(
+            "--tensor-parallel-degree {} does not divide the {} attention heads \
+             (num_attention_heads) of {CLASS_NAME}: every rank must hold whole heads",
+            tp.size, cfg.num_attention_heads
+        )));
+    }
+    Ok(())
 }
 
 /// x·(1 + scale) + shift, with (B, 1, D) scale and shift.
@@ -529,6 +603,8 @@ pub struct PixArtTransformer2DModel {
     /// Bytes of the weights loaded, when loaded from files.
     parameter_bytes: Option<u64>,
     dtype: DType,
+    /// The tensor-parallel shard this instance holds (the whole model: serial).
+    tp: TpRank,
 }
 
 impl PixArtTransformer2DModel {
@@ -544,11 +620,32 @@ impl PixArtTransformer2DModel {
         vb: VarBuilder,
         stage: Option<&PipelineStage>,
     ) -> candle_core::Result<Self> {
+        let split = SplitWeights::VarBuilder(vb.clone());
+        Self::new_shard(cfg, vb, split, TpRank::serial(), stage).map_err(|e| match e {
+            Error::Candle(e) => e,
+            e => candle_core::Error::Msg(e.to_string()),
+        })
+    }
+
+    /// Builds tensor-parallel shard `tp` of the whole model or of a PipeFusion stage: the
+    /// attention (`to_q/to_k/to_v` column-parallel, `to_out.0` row-parallel, self and cross)
+    /// and the feed-forward (`net.0.proj` column, `net.2` row) read from `split`, this rank's
+    /// H/T heads and 4·D/T hidden features; everything else (norms, modulation tables,
+    /// adaLN-single, caption projection, patch embedding, final layer) whole from `vb`. The
+    /// forward then needs the tp group in its [`ForwardContext::tp`].
+    pub fn new_shard(
+        cfg: &Config,
+        vb: VarBuilder,
+        split: SplitWeights,
+        tp: TpRank,
+        stage: Option<&PipelineStage>,
+    ) -> Result<Self> {
         let StageLayers {
             layers,
             first,
             last,
         } = common::stage_layers(cfg, stage)?;
+        check_tp_heads(cfg, tp)?;
         let activation = FeedForwardActivation::from_diffusers_name(&cfg.activation_fn)
             .expect("validated activation");
         let dim = cfg.inner_dim();
@@ -568,8 +665,16 @@ impl PixArtTransformer2DModel {
             .transpose()?;
         let transformer_blocks = layers
             .clone()
-            .map(|i| BasicTransformerBlock::new(cfg, activation, vb.pp("transformer_blocks").pp(i)))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    cfg,
+                    activation,
+                    tp,
+                    vb.pp("transformer_blocks").pp(i),
+                    &split.pp("transformer_blocks").pp(i),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
         let final_layer = last
             .then(|| -> candle_core::Result<_> {
                 Ok((
@@ -617,15 +722,34 @@ impl PixArtTransformer2DModel {
             final_layer,
             parameter_bytes: None,
             dtype: vb.dtype(),
+            tp,
         })
     }
 
     /// Reads `dir/config.json` and the weights in `dir` (only a stage's, with
-    /// `options.stage`); errors name the file, and the field or tensor at fault.
+    /// `options.stage`; only shard `options.tp` of the split layers, each rank copying only
+    /// its bytes out of the files); errors name the file, and the field or tensor at fault.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        let (mut model, bytes) = common::load_stage(dir, options, Self::new_stage)?;
-        model.parameter_bytes = Some(bytes);
+        let (mut model, replicated) =
+            common::load_stage_split(dir, options, |cfg, vb, split, stage| {
+                Self::new_shard(cfg, vb, split, options.tp, stage)
+            })?;
+        model.parameter_bytes = Some(replicated + model.split_parameter_bytes());
         Ok(model)
+    }
+
+    /// Bytes of the split layers' weights (attention and feed-forward of the blocks held) that
+    /// this instance keeps: 1/T of the whole model's.
+    pub fn split_parameter_bytes(&self) -> u64 {
+        self.transformer_blocks
+            .iter()
+            .map(|b| b.split_parameter_bytes() as u64)
+            .sum()
+    }
+
+    /// The tensor-parallel shard this instance holds.
+    pub fn tp_rank(&self) -> TpRank {
+        self.tp
     }
 
     pub fn config(&self) -> &Config {
@@ -753,8 +877,10 @@ impl Backbone for PixArtTransformer2DModel {
             self.info.num_layers,
         )?;
         let processor = common::block_processor(ctx)?;
+        self.tp.check_group(ctx.tp.as_ref(), CLASS_NAME)?;
+        let tp = ctx.tp.as_ref().filter(|_| !self.tp.is_serial());
         for (layer, block) in layers.zip(blocks) {
-            state.hidden = block.forward(&state.hidden, &state, layer, processor)?;
+            state.hidden = block.forward(&state.hidden, &state, layer, processor, tp)?;
         }
         Ok(state)
     }
@@ -802,6 +928,7 @@ xfuser_core::inventory::submit! {
         class_name: CLASS_NAME,
         load: load_backbone,
         shape: common::config_shape::<Config>,
+        tensor_parallel: true,
     }
 }
 

@@ -1022,6 +1022,8 @@ xfuser_core::inventory::submit! {
         class_name: CLASS_NAME,
         load: load_backbone,
         shape: common::config_shape::<Config>,
+        // Not split yet (docs/tensor-parallel.md has the plan).
+        tensor_parallel: false,
     }
 }
 

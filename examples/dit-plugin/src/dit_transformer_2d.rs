@@ -669,6 +669,7 @@ xfuser_core::inventory::submit! {
         class_name: CLASS_NAME,
         load: load_backbone,
         shape: common::config_shape::<Config>,
+        tensor_parallel: false,
     }
 }
 

@@ -433,3 +433,16 @@ fn ulysses_must_divide_the_heads() {
         &["--ulysses-degree"],
     );
 }
+
+/// DiT is not split over tensor-parallel ranks yet: its registration says so, and the runtime
+/// refuses the degree naming the model.
+#[test]
+fn tensor_parallelism_is_refused_naming_the_model() {
+    refused(
+        &["--prompt", "hen", "--tensor-parallel-degree", "2"],
+        &[
+            "--tensor-parallel-degree 2",
+            "DiTTransformer2DModel does not support tensor parallelism",
+        ],
+    );
+}

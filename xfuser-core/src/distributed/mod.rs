@@ -24,6 +24,7 @@ mod launch;
 mod local;
 mod mesh;
 pub mod runtime_state;
+mod tp_rank;
 
 pub use group::{
     CommCounts, CommKey, CommOp, CommStats, Communicator, ProcessGroup, RecvHandle, RecvWork,
@@ -33,6 +34,7 @@ pub use launch::{launch_local, LaunchOptions, RankContext, RankThreads};
 pub use local::{AbortReason, LocalComm, LocalWorld};
 pub use mesh::{group_name, Axis, CfgUse, RankCoords, RankMesh};
 pub use runtime_state::{InputMetadata, Patch, RuntimeState, ShapeParams, SpSlice, TokenRange};
+pub use tp_rank::TpRank;
 
 #[cfg(test)]
 mod tests;

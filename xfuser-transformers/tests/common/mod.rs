@@ -93,6 +93,7 @@ pub fn on_sp_ranks<T: Send>(
             None => ForwardContext {
                 attention: None,
                 sp: Some(sp),
+                tp: None,
             },
         };
         run(&ctx, &fctx)
