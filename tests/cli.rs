@@ -1200,75 +1200,45 @@ fn flux_cfg_parallel_needs_true_cfg() {
 // Step cache
 // ---------------------------------------------------------------------------------------------
 
-/// `--use-fbcache` at threshold 0 computes every step (and says so on stderr, even with
-/// `--quiet`) and gives the uncached latents; a huge threshold computes only the first.
-#[test]
-fn fbcache_reports_its_steps() {
-    let tmp = TempDir::new("fbcache");
-    let out = tmp.join("out");
-    let base = with_flags(quick_args(&alpha_dir(), &out), &["--output-type", "latent"]);
-    let plain = latents_run(&base, &out, "tiny-pixart-alpha");
-    std::fs::remove_dir_all(&out).unwrap();
-    let cached = with_flags(base.clone(), &["--use-fbcache", "--cache-threshold", "0"]);
-    let r = run(xfuser().args(&cached));
-    r.assert_ok();
-    assert!(
-        r.stderr
-            .contains("cache: computed 2 of 2 transformer steps"),
-        "stderr: {}",
-        r.stderr
-    );
-    let name = format!("tiny-pixart-alpha_{STEM}_latents.safetensors");
-    let err = rel_l2(&read_latents(&out.join(name)), &plain).unwrap();
-    assert!(err <= 1e-6, "threshold 0 vs uncached: {err:.3e}");
-    std::fs::remove_dir_all(&out).unwrap();
-    let skipping = with_flags(base, &["--use-fbcache", "--cache-threshold", "1e9"]);
-    let r = run(xfuser().args(&skipping));
-    r.assert_ok();
-    assert!(
-        r.stderr
-            .contains("cache: computed 1 of 2 transformer steps"),
-        "stderr: {}",
-        r.stderr
-    );
-}
-
-/// `--use-teacache` at threshold 0 computes every step and gives the uncached latents; a huge
-/// threshold still computes the first and the last step (3 steps: 2 computed).
-#[test]
-fn teacache_reports_its_steps() {
-    let tmp = TempDir::new("teacache");
+/// `flag` at threshold 0 computes every step of `steps` (and says so on stderr, even with
+/// `--quiet`) and gives the uncached latents; a huge threshold computes only `always`.
+fn check_cache_reports_its_steps(flag: &str, steps: usize, always: usize) {
+    let tmp = TempDir::new(flag.trim_start_matches('-'));
     let out = tmp.join("out");
     let mut base = with_flags(quick_args(&alpha_dir(), &out), &["--output-type", "latent"]);
-    let steps = base
+    let at = base
         .iter()
         .position(|a| a == "--num-inference-steps")
         .unwrap();
-    base[steps + 1] = "3".into();
+    base[at + 1] = steps.to_string();
     let plain = latents_run(&base, &out, "tiny-pixart-alpha");
     std::fs::remove_dir_all(&out).unwrap();
-    let cached = with_flags(base.clone(), &["--use-teacache", "--cache-threshold", "0"]);
+    let cached = with_flags(base.clone(), &[flag, "--cache-threshold", "0"]);
     let r = run(xfuser().args(&cached));
     r.assert_ok();
-    assert!(
-        r.stderr
-            .contains("cache: computed 3 of 3 transformer steps"),
-        "stderr: {}",
-        r.stderr
-    );
+    let line = format!("cache: computed {steps} of {steps} transformer steps");
+    assert!(r.stderr.contains(&line), "stderr: {}", r.stderr);
     let name = format!("tiny-pixart-alpha_{STEM}_latents.safetensors");
     let err = rel_l2(&read_latents(&out.join(name)), &plain).unwrap();
-    assert!(err <= 1e-6, "threshold 0 vs uncached: {err:.3e}");
+    assert!(err <= 1e-6, "{flag}: threshold 0 vs uncached: {err:.3e}");
     std::fs::remove_dir_all(&out).unwrap();
-    let skipping = with_flags(base, &["--use-teacache", "--cache-threshold", "1e9"]);
+    let skipping = with_flags(base, &[flag, "--cache-threshold", "1e9"]);
     let r = run(xfuser().args(&skipping));
     r.assert_ok();
-    assert!(
-        r.stderr
-            .contains("cache: computed 2 of 3 transformer steps"),
-        "stderr: {}",
-        r.stderr
-    );
+    let line = format!("cache: computed {always} of {steps} transformer steps");
+    assert!(r.stderr.contains(&line), "stderr: {}", r.stderr);
+}
+
+/// First-Block-Cache: 2 steps, a huge threshold computes only the first.
+#[test]
+fn fbcache_reports_its_steps() {
+    check_cache_reports_its_steps("--use-fbcache", 2, 1);
+}
+
+/// TeaCache: 3 steps, a huge threshold still computes the first and the last.
+#[test]
+fn teacache_reports_its_steps() {
+    check_cache_reports_its_steps("--use-teacache", 3, 2);
 }
 
 #[test]

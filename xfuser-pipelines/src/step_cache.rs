@@ -48,11 +48,17 @@ pub trait StepCacher {
 /// The cache `config` names, its decisions agreed over `groups` (groups of one rank are
 /// ignored).
 pub fn step_cacher(config: &StepCache, groups: &[&ProcessGroup]) -> Result<Box<dyn StepCacher>> {
-    let agreement = Agreement::new(config.threshold, groups)?;
-    Ok(match config.kind {
+    Ok(cacher(
+        config.kind,
+        Agreement::new(config.threshold, groups)?,
+    ))
+}
+
+fn cacher(kind: StepCacheKind, agreement: Agreement) -> Box<dyn StepCacher> {
+    match kind {
         StepCacheKind::FirstBlock => Box::new(FirstBlockCache::with(agreement)),
         StepCacheKind::TeaCache => Box::new(TeaCache::with(agreement)),
-    })
+    }
 }
 
 /// Benchmark aid: the cache `config` names, with its decisions taken from `computed` (step i
@@ -66,10 +72,7 @@ pub fn step_cacher_with_pattern(
 ) -> Result<Box<dyn StepCacher>> {
     let mut agreement = Agreement::new(config.threshold, &[])?;
     agreement.pattern = Some(computed);
-    Ok(match config.kind {
-        StepCacheKind::FirstBlock => Box::new(FirstBlockCache::with(agreement)),
-        StepCacheKind::TeaCache => Box::new(TeaCache::with(agreement)),
-    })
+    Ok(cacher(config.kind, agreement))
 }
 
 /// The threshold and the groups whose ranks must take the same decision (sp, cfg).
@@ -149,12 +152,6 @@ pub struct FirstBlockCache {
 }
 
 impl FirstBlockCache {
-    /// A cache with `threshold` whose decisions are agreed over `groups` (groups of one rank
-    /// are ignored).
-    pub fn new(threshold: f64, groups: &[&ProcessGroup]) -> Result<Self> {
-        Ok(Self::with(Agreement::new(threshold, groups)?))
-    }
-
     fn with(agreement: Agreement) -> Self {
         Self {
             agreement,
@@ -229,12 +226,6 @@ pub struct TeaCache {
 }
 
 impl TeaCache {
-    /// A cache with `threshold` whose decisions are agreed over `groups` (groups of one rank
-    /// are ignored).
-    pub fn new(threshold: f64, groups: &[&ProcessGroup]) -> Result<Self> {
-        Ok(Self::with(Agreement::new(threshold, groups)?))
-    }
-
     fn with(agreement: Agreement) -> Self {
         Self {
             agreement,

@@ -469,6 +469,24 @@ pub fn unpatchify(
         .reshape((b, channels, rows * p, cols * p))
 }
 
+/// The `n` chunks of a (B, n·D) adaLN modulation, each (B, 1, D) and contiguous (SD3, Flux).
+pub fn modulation_chunks(emb: &Tensor, n: usize, dim: usize) -> candle_core::Result<Vec<Tensor>> {
+    let batch = emb.dim(0)?;
+    (0..n)
+        .map(|i| {
+            emb.narrow(1, i * dim, dim)?
+                .reshape((batch, 1, dim))?
+                .contiguous()
+        })
+        .collect()
+}
+
+/// LayerNorm without affine, eps 1e-6 (SD3's and Flux's adaLN norms), then
+/// `·(1 + scale) + shift`, in one pass.
+pub fn norm_modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
+    kernels::layer_norm_modulate(xs, shift, scale, 1e-6)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -416,23 +416,6 @@ impl Heads {
     }
 }
 
-/// The `n` chunks of a (B, n·D) modulation, each (B, 1, D) and contiguous.
-fn modulation_chunks(emb: &Tensor, n: usize, dim: usize) -> candle_core::Result<Vec<Tensor>> {
-    let batch = emb.dim(0)?;
-    (0..n)
-        .map(|i| {
-            emb.narrow(1, i * dim, dim)?
-                .reshape((batch, 1, dim))?
-                .contiguous()
-        })
-        .collect()
-}
-
-/// LayerNorm (no affine, eps 1e-6) then `·(1 + scale) + shift`, in one pass.
-fn norm_modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
-    kernels::layer_norm_modulate(xs, shift, scale, NORM_EPS)
-}
-
 fn gemm_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     kernels::gemm_friendly_linear(&candle_nn::linear(in_dim, out_dim, vb)?)
 }
@@ -508,10 +491,10 @@ impl DoubleBlock {
     ) -> Result<(Tensor, Tensor)> {
         let dim = self.dim;
         // shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
-        let m = modulation_chunks(&self.norm1.forward(temb_silu)?, 6, dim)?;
-        let c = modulation_chunks(&self.norm1_context.forward(temb_silu)?, 6, dim)?;
-        let normed = norm_modulate(hidden, &m[0], &m[1])?;
-        let normed_context = norm_modulate(encoder, &c[0], &c[1])?;
+        let m = common::modulation_chunks(&self.norm1.forward(temb_silu)?, 6, dim)?;
+        let c = common::modulation_chunks(&self.norm1_context.forward(temb_silu)?, 6, dim)?;
+        let normed = common::norm_modulate(hidden, &m[0], &m[1])?;
+        let normed_context = common::norm_modulate(encoder, &c[0], &c[1])?;
         let heads = self.heads.heads;
         let image = self.image.forward(&normed, heads, Some(rope))?;
         let text = self.text.forward(&normed_context, heads, None)?;
@@ -519,14 +502,14 @@ impl DoubleBlock {
 
         let attn = kernels::matmul_t(&attn, self.to_out.weight())?;
         let hidden = kernels::gated_residual(hidden, Some(&m[2]), &attn, self.to_out.bias())?;
-        let normed = norm_modulate(&hidden, &m[3], &m[4])?;
+        let normed = common::norm_modulate(&hidden, &m[3], &m[4])?;
         let (ff, ff_bias) = self.ff.forward_without_out_bias(&normed)?;
         let hidden = kernels::gated_residual(&hidden, Some(&m[5]), &ff, ff_bias)?;
 
         let context_attn = kernels::matmul_t(&context_attn, self.to_add_out.weight())?;
         let encoder =
             kernels::gated_residual(encoder, Some(&c[2]), &context_attn, self.to_add_out.bias())?;
-        let normed = norm_modulate(&encoder, &c[3], &c[4])?;
+        let normed = common::norm_modulate(&encoder, &c[3], &c[4])?;
         let (ff, ff_bias) = self.ff_context.forward_without_out_bias(&normed)?;
         let encoder = kernels::gated_residual(&encoder, Some(&c[5]), &ff, ff_bias)?;
         Ok((hidden, encoder))
@@ -578,10 +561,10 @@ impl SingleBlock {
         processor: &dyn AttentionProcessor,
     ) -> Result<(Tensor, Tensor)> {
         // shift, scale, gate
-        let m = modulation_chunks(&self.norm.forward(temb_silu)?, 3, self.dim)?;
+        let m = common::modulation_chunks(&self.norm.forward(temb_silu)?, 3, self.dim)?;
         let heads = self.heads.heads;
         let prepare = |xs: &Tensor, rope: Option<&Rope>| -> Result<_> {
-            let normed = norm_modulate(xs, &m[0], &m[1])?;
+            let normed = common::norm_modulate(xs, &m[0], &m[1])?;
             let qkv = self.qkv.forward(&normed, heads, rope)?;
             let mlp = kernels::bias_gelu_tanh(
                 &kernels::matmul_t(&normed, self.proj_mlp.weight())?,
@@ -992,8 +975,8 @@ impl Backbone for FluxTransformer2DModel {
             FluxBlock::Double(b) => (&b.norm1, 6, b.dim),
             FluxBlock::Single(b) => (&b.norm, 3, b.dim),
         };
-        let m = modulation_chunks(&norm.forward(&temb_silu)?, chunks, dim)?;
-        Ok(Some(norm_modulate(&state.hidden, &m[0], &m[1])?))
+        let m = common::modulation_chunks(&norm.forward(&temb_silu)?, chunks, dim)?;
+        Ok(Some(common::norm_modulate(&state.hidden, &m[0], &m[1])?))
     }
 
     fn teacache_coefficients(&self) -> Option<&'static [f64]> {

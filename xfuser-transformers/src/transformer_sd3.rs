@@ -584,23 +584,6 @@ struct JointTransformerBlock {
     dim: usize,
 }
 
-/// The `n` chunks of a (B, n·D) modulation, each (B, 1, D) and contiguous.
-fn modulation_chunks(emb: &Tensor, n: usize, dim: usize) -> candle_core::Result<Vec<Tensor>> {
-    let batch = emb.dim(0)?;
-    (0..n)
-        .map(|i| {
-            emb.narrow(1, i * dim, dim)?
-                .reshape((batch, 1, dim))?
-                .contiguous()
-        })
-        .collect()
-}
-
-/// LayerNorm (no affine, eps 1e-6) then `·(1 + scale) + shift`, in one pass.
-fn norm_modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
-    kernels::layer_norm_modulate(xs, shift, scale, NORM_EPS)
-}
-
 impl JointTransformerBlock {
     fn new(cfg: &Config, layer: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         let dim = cfg.inner_dim();
@@ -644,8 +627,8 @@ impl JointTransformerBlock {
     /// The image stream's attention input: `norm1` of `hidden` with the first shift and scale.
     fn modulated_input(&self, hidden: &Tensor, temb_silu: &Tensor) -> Result<Tensor> {
         let chunks = if self.attn2.is_some() { 9 } else { 6 };
-        let m = modulation_chunks(&self.norm1.forward(temb_silu)?, chunks, self.dim)?;
-        Ok(norm_modulate(hidden, &m[0], &m[1])?)
+        let m = common::modulation_chunks(&self.norm1.forward(temb_silu)?, chunks, self.dim)?;
+        Ok(common::norm_modulate(hidden, &m[0], &m[1])?)
     }
 
     /// (image (B, N, D), text (B, L, D)) -> (image, text; None after the last block).
@@ -664,14 +647,14 @@ impl JointTransformerBlock {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let dim = self.dim;
         let chunks = if self.attn2.is_some() { 9 } else { 6 };
-        let m = modulation_chunks(&self.norm1.forward(temb_silu)?, chunks, dim)?;
+        let m = common::modulation_chunks(&self.norm1.forward(temb_silu)?, chunks, dim)?;
         // shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp[, shift_msa2,
         // scale_msa2, gate_msa2]
-        let normed = norm_modulate(hidden, &m[0], &m[1])?;
+        let normed = common::norm_modulate(hidden, &m[0], &m[1])?;
         let (normed_context, context_mod) = match &self.norm1_context {
             ContextNorm::Zero(linear) => {
-                let c = modulation_chunks(&linear.forward(temb_silu)?, 6, dim)?;
-                (norm_modulate(encoder, &c[0], &c[1])?, Some(c))
+                let c = common::modulation_chunks(&linear.forward(temb_silu)?, 6, dim)?;
+                (common::norm_modulate(encoder, &c[0], &c[1])?, Some(c))
             }
             ContextNorm::Continuous(norm) => (norm.forward(encoder, temb)?, None),
         };
@@ -679,7 +662,7 @@ impl JointTransformerBlock {
         // SD3.5's second self-attention reads the block's input, normalized as for the
         // first, modulated with its own shift and scale.
         let normed2 = match &self.attn2 {
-            Some(_) => Some(norm_modulate(hidden, &m[6], &m[7])?),
+            Some(_) => Some(common::norm_modulate(hidden, &m[6], &m[7])?),
             None => None,
         };
 
@@ -691,7 +674,7 @@ impl JointTransformerBlock {
             let attn = attn2.self_attention(&normed2, attn2_site, processor)?;
             hidden = kernels::gated_residual(&hidden, Some(&m[8]), &attn, attn2.out_bias())?;
         }
-        let normed = norm_modulate(&hidden, &m[3], &m[4])?;
+        let normed = common::norm_modulate(&hidden, &m[3], &m[4])?;
         let (ff, ff_bias) = self.ff.forward_without_out_bias(&normed)?;
         let hidden = kernels::gated_residual(&hidden, Some(&m[5]), &ff, ff_bias)?;
 
@@ -708,7 +691,7 @@ impl JointTransformerBlock {
             &context_attn,
             self.attn.add_out_bias(),
         )?;
-        let normed = norm_modulate(&encoder, &c[3], &c[4])?;
+        let normed = common::norm_modulate(&encoder, &c[3], &c[4])?;
         let (ff, ff_bias) = ff_context.forward_without_out_bias(&normed)?;
         let encoder = kernels::gated_residual(&encoder, Some(&c[5]), &ff, ff_bias)?;
         Ok((hidden, Some(encoder)))
