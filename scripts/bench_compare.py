@@ -20,6 +20,13 @@ runs `xfuser-bench pipeline` and then `xfuser-bench parallel --mode M` for every
 
     python3 scripts/bench_compare.py parallel --modes cfg,ulysses,ring,pipefusion --rounds 3
 
+With `--launcher mpi` (xfuser-bench built with `--features mpi`, Open MPI's mpirun on the
+PATH) every mode also runs as `mpirun -n <world>` processes in the same round, and the script
+prints per mode the median ratio process/thread as well:
+
+    cargo build --release -p xfuser-bench --features mpi
+    python3 scripts/bench_compare.py parallel --launcher mpi --rounds 3 -- --steps 20
+
 `cache` compares the step caches with the uncached loop, all in Rust: each round runs
 `xfuser-bench pipeline` plain, with `--use-fbcache` replaying `--fb-pattern` and with
 `--use-teacache` replaying `--tea-pattern` (C: every block runs, S: the cached residual is
@@ -82,7 +89,9 @@ def main():
                             "parallel", "cache"])
     p.add_argument("--modes", default="cfg,ulysses,ring,pipefusion",
                    help="parallel: the --mode values to compare with the serial loop")
-    p.add_argument("--world", type=int, default=2, help="parallel: rank threads")
+    p.add_argument("--world", type=int, default=2, help="parallel: ranks")
+    p.add_argument("--launcher", choices=["threads", "mpi"], default="threads",
+                   help="parallel: mpi also runs every mode as mpirun processes")
     p.add_argument("--fb-pattern", help="cache: First-Block-Cache's skip pattern (C/S per step)")
     p.add_argument("--tea-pattern", help="cache: TeaCache's skip pattern (C/S per step)")
     p.add_argument("--rounds", type=int, default=3)
@@ -117,7 +126,10 @@ def main():
 def compare_parallel(args, extra):
     modes = [m for m in args.modes.split(",") if m]
     serial = [args.rust_bin, "pipeline", *extra]
+    mpirun = ["mpirun", "-n", str(args.world), "--oversubscribe", "--allow-run-as-root",
+              "--mca", "btl", "self,vader"]
     ratios = {m: [] for m in modes}
+    process_ratios = {m: [] for m in modes}
     for r in range(args.rounds):
         wait_quiet(args.quiet_wait)
         base = run(serial, "rust_seconds")
@@ -128,9 +140,16 @@ def compare_parallel(args, extra):
             t = run(cmd, "rust_seconds")
             ratios[m].append(t / base)
             line.append(f"{m} {t:.3f}s ({t / base:.3f})")
+            if args.launcher == "mpi":
+                wait_quiet(args.quiet_wait)
+                tp = run(mpirun + cmd, "rust_seconds")
+                process_ratios[m].append(tp / t)
+                line.append(f"{m} processes {tp:.3f}s ({tp / t:.3f} of threads)")
         print(", ".join(line), flush=True)
     for m in modes:
         print(f"{m}_over_serial={statistics.median(ratios[m]):.3f}")
+        if args.launcher == "mpi":
+            print(f"{m}_process_over_thread={statistics.median(process_ratios[m]):.3f}")
 
 
 def compare_cache(args, extra):

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::bundled::{bundled_defaults, bundled_model_dir, BUNDLED_MODEL_NAME};
+use crate::core::distributed::{check_world_size, process_world, RankMesh};
 use crate::core::engine::{
     EngineConfig, OutputType, ParallelConfig, PipelineOutput, StepCache, StepCacheKind,
 };
@@ -237,18 +238,85 @@ pub fn main() {
         // Plain text when stderr is a file or pipe (logs, tests), colours on a terminal.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Under an MPI launcher this process becomes one rank of the job; the universe finalises
+    // MPI when dropped at the end of `main`.
+    #[cfg(feature = "mpi")]
+    let universe = match crate::mpi::init_from_env() {
+        Ok(universe) => universe,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::exit(1);
+        }
+    };
+    if let Some(world) = process_world() {
+        // A panicking rank ends the job as a failing one does, instead of leaving its peers
+        // to wait for it until their timeout.
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            report(info);
+            world.abort(101)
+        }));
+    }
     let result = match cli.command {
         Command::Generate(args) => generate(args),
         Command::Serve(args) => serve(args),
         Command::List => {
-            list();
+            if is_lead_process() {
+                list();
+            }
             Ok(())
         }
     };
     if let Err(err) = result {
-        eprintln!("error: {err:#}");
-        std::process::exit(1);
+        match process_world() {
+            // Met alike by every process before any work: said once, and every process
+            // ends normally with status 1.
+            Some(world) if err.downcast_ref::<Refusal>().is_some() => {
+                if world.rank() == 0 {
+                    eprintln!("error: {err:#}");
+                }
+                #[cfg(feature = "mpi")]
+                drop(universe);
+                std::process::exit(1);
+            }
+            // The root cause, printed once by the rank that met it; aborting ends every
+            // process of the job, which may be waiting for this one.
+            Some(world) => {
+                eprintln!("error (rank {} of {}): {err:#}", world.rank(), world.size());
+                world.abort(1)
+            }
+            None => {
+                eprintln!("error: {err:#}");
+                std::process::exit(1);
+            }
+        }
     }
+    #[cfg(feature = "mpi")]
+    drop(universe);
+}
+
+/// An error that every process of a launched job meets alike, before any of them loads or
+/// runs anything (a refused flag or request), so that no process waits for another.
+#[derive(Debug)]
+struct Refusal(anyhow::Error);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// Runs the checks of `check`, marking its failure as a [`Refusal`].
+fn refuse_early<T>(check: impl FnOnce() -> Result<T>) -> Result<T> {
+    check().map_err(|e| anyhow::Error::new(Refusal(e)))
+}
+
+/// Whether this process prints and writes: always, unless it is a rank other than 0 of a
+/// launched job.
+fn is_lead_process() -> bool {
+    process_world().is_none_or(|w| w.rank() == 0)
 }
 
 fn list() {
@@ -271,39 +339,48 @@ fn list() {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    let parallel = args.parallel.config();
-    let defaults = request_defaults(args.model.as_deref());
     // Everything that can be refused is refused before the model is loaded.
-    let input = GenerateParams {
-        prompts: args.prompt.clone(),
-        negative_prompt: args.negative_prompt.clone(),
-        height: args.height,
-        width: args.width,
-        num_inference_steps: args
-            .num_inference_steps
-            .unwrap_or(defaults.num_inference_steps),
-        guidance_scale: args.guidance_scale.unwrap_or(defaults.guidance_scale),
-        true_cfg_scale: args.true_cfg_scale,
-        num_images_per_prompt: args.num_images_per_prompt,
-        seed: args.seed,
-        output_type: match args.output_type {
-            OutputKind::Pil => OutputType::Pil,
-            OutputKind::Latent => OutputType::Latent,
-        },
-        max_sequence_length: args.max_sequence_length,
-        use_resolution_binning: !args.no_use_resolution_binning && defaults.use_resolution_binning,
+    let (parallel, input, step_cache, dtype) = refuse_early(|| {
+        let parallel = args.parallel.config();
+        let defaults = request_defaults(args.model.as_deref());
+        let input = GenerateParams {
+            prompts: args.prompt.clone(),
+            negative_prompt: args.negative_prompt.clone(),
+            height: args.height,
+            width: args.width,
+            num_inference_steps: args
+                .num_inference_steps
+                .unwrap_or(defaults.num_inference_steps),
+            guidance_scale: args.guidance_scale.unwrap_or(defaults.guidance_scale),
+            true_cfg_scale: args.true_cfg_scale,
+            num_images_per_prompt: args.num_images_per_prompt,
+            seed: args.seed,
+            output_type: match args.output_type {
+                OutputKind::Pil => OutputType::Pil,
+                OutputKind::Latent => OutputType::Latent,
+            },
+            max_sequence_length: args.max_sequence_length,
+            use_resolution_binning: !args.no_use_resolution_binning
+                && defaults.use_resolution_binning,
+        }
+        .into_input()?;
+        parallel.validate()?;
+        check_world_size(RankMesh::new(&parallel)?.world_size())?;
+        Ok((parallel, input, args.cache.config()?, dtype(args.dtype)?))
+    })?;
+    let lead = is_lead_process();
+    if lead {
+        prepare_output_dir(&args.output_dir)?;
     }
-    .into_input()?;
-    parallel.validate()?;
-    let step_cache = args.cache.config()?;
-    let dtype = dtype(args.dtype)?;
-    prepare_output_dir(&args.output_dir)?;
 
     let (pipeline, model_name) = load(args.model.as_deref(), dtype, &parallel, step_cache)?;
 
-    let bar = progress_bar(input.num_inference_steps, args.quiet);
+    let bar = progress_bar(input.num_inference_steps, args.quiet || !lead);
     let output = pipeline.generate(&input, &mut |i, _| bar.set_position(i as u64))?;
     bar.finish_and_clear();
+    if !lead {
+        return Ok(());
+    }
 
     let stem = format!(
         "{model_name}_result_dp{}_cfg{}_ulysses{}_ring{}_pp{}_patch{}",
@@ -370,6 +447,16 @@ fn load(
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
+    if let Some(world) = process_world() {
+        return refuse_early(|| {
+            bail!(
+                "xfuser serve runs as one process whose ranks are threads; start it without \
+                 the {} launcher (it was started as {} processes)",
+                world.backend(),
+                world.size()
+            )
+        });
+    }
     let parallel = args.parallel.config();
     parallel.validate()?;
     let step_cache = args.cache.config()?;

@@ -9,6 +9,8 @@ pub mod serve;
 
 pub use xfuser_core as core;
 pub use xfuser_layers as layers;
+#[cfg(feature = "mpi")]
+pub use xfuser_mpi as mpi;
 pub use xfuser_pipelines as pipelines;
 pub use xfuser_schedulers as schedulers;
 pub use xfuser_transformers as transformers;

@@ -6,8 +6,9 @@
 //! transformer steps skipped, the colours still right, and the PSNR against the uncached
 //! pictures printed (docs/trained-model.md records it).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
+use xfuser::core::testing::TempDir;
 
 /// The palette the model was trained on.
 const PALETTE: [(&str, [f64; 3]); 6] = [
@@ -34,24 +35,6 @@ const ASKED: [(&str, &str, &str); 8] = [
 
 /// Pictures with both colours right, of 8, that the test requires.
 const MUST_PASS: usize = 7;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("xfuser-bundled-test-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Runs `xfuser generate` on the bundled model with the prompts of [`ASKED`] and `extra`
 /// flags; returns the RGB pixels of each picture (in prompt order), their side and stderr.
@@ -195,7 +178,7 @@ fn cache_line(stderr: &str) -> (usize, usize) {
 #[test]
 fn the_bundled_model_draws_what_it_is_asked_and_the_caches_keep_it() {
     let tmp = TempDir::new("colours");
-    let (plain, side, _) = generate(&tmp.0.join("plain"), &[]);
+    let (plain, side, _) = generate(&tmp.join("plain"), &[]);
     let right = passes(&judge(&plain, side), "uncached");
     println!("uncached: {right} of {} right", ASKED.len());
     assert!(
@@ -205,7 +188,7 @@ fn the_bundled_model_draws_what_it_is_asked_and_the_caches_keep_it() {
     );
 
     for flag in ["--use-fbcache", "--use-teacache"] {
-        let dir = tmp.0.join(flag.trim_start_matches('-'));
+        let dir = tmp.join(flag.trim_start_matches('-'));
         let (cached, _, stderr) = generate(&dir, &[flag]);
         let (computed, steps) = cache_line(&stderr);
         let right = passes(&judge(&cached, side), flag);

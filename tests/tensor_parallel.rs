@@ -7,7 +7,6 @@
 //! not divide a tp rank's heads, the models not split yet, a shard run without its group.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
@@ -15,7 +14,7 @@ use xfuser::core::backbone::{names, Backbone, BackboneInputs, Conditioning, Forw
 use xfuser::core::distributed::{CommOp, CommStats, TpRank};
 use xfuser::core::engine::{EngineConfig, InputConfig, OutputType, ParallelConfig, PipelineOutput};
 use xfuser::core::registry::LoadOptions;
-use xfuser::core::testing::{copy_dir, fixtures_dir, rel_l2};
+use xfuser::core::testing::{copy_dir, fixtures_dir, rel_l2, TempDir};
 use xfuser::pipelines::xFuserPipeline;
 use xfuser::transformers::pixart_transformer_2d::{Config, PixArtTransformer2DModel};
 
@@ -284,26 +283,6 @@ fn a_shard_holds_its_share_of_the_split_layers() {
     }
 }
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("xfuser-tp-test-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn refusal(dir: &Path, parallel: ParallelConfig) -> String {
     match xFuserPipeline::from_pretrained(&engine(dir, parallel.clone())) {
         Ok(_) => panic!("{parallel:?} should be refused"),
@@ -316,7 +295,7 @@ fn refusal(dir: &Path, parallel: ParallelConfig) -> String {
 #[test]
 fn a_degree_that_does_not_divide_the_heads_is_refused_before_loading() {
     let tmp = TempDir::new("heads");
-    let dir = tmp.0.join("model");
+    let dir = tmp.join("model");
     copy_dir(&model_dir("tiny-pixart-sigma"), &dir).unwrap();
     std::fs::write(
         dir.join("transformer/diffusion_pytorch_model.safetensors"),

@@ -8,7 +8,8 @@
 //! - `pipeline`: the denoising loop with classifier-free guidance (transformer + DPM-Solver++);
 //! - `gemm-floor`: candle's sgemm rate on the forward's matrix products and the time they need;
 //! - `parallel`: the loop on `--world` rank threads with CFG, Ulysses, Ring or PipeFusion
-//!   parallelism.
+//!   parallelism; built with `--features mpi` and started by `mpirun -n <world>`, on one
+//!   process per rank instead (only rank 0 prints).
 //!
 //! Every timed subcommand prints `rust_seconds=<median>` and `gflops=<achieved>` as its last
 //! lines.
@@ -28,7 +29,10 @@ use xfuser_core::backbone::{
     names, Backbone, BackboneInputs, Conditioning, ForwardContext, SpContext,
 };
 use xfuser_core::distributed::runtime_state::input_metadata;
-use xfuser_core::distributed::{launch_local, LaunchOptions, RankMesh, RankThreads, ShapeParams};
+use xfuser_core::distributed::{
+    launch_local, process_world, CommStats, LaunchOptions, RankContext, RankMesh, RankThreads,
+    ShapeParams,
+};
 use xfuser_core::engine::{ParallelConfig, StepCache, StepCacheKind};
 use xfuser_core::scheduler::Scheduler;
 use xfuser_pipelines::denoise::{denoise, denoise_with_cache, Guidance};
@@ -411,6 +415,9 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn report(seconds: f64, flops: f64) {
+    if !is_lead_process() {
+        return;
+    }
     println!("rust_seconds={seconds:.4}");
     println!("gflops={:.2}", flops / seconds / 1e9);
 }
@@ -619,6 +626,10 @@ fn pipeline(args: &PipelineArgs, parallel: Option<&ParallelArgs>) -> Result<()> 
         };
         let s = t.elapsed().as_secs_f64();
         let mean = out.mean_all()?.to_scalar::<f32>()?;
+        if !is_lead_process() {
+            times.push(s);
+            continue;
+        }
         eprintln!(
             "loop {i}: {s:.3}s ({} steps), latents mean {mean:.5}",
             args.steps
@@ -756,7 +767,7 @@ fn parallel_loop(
         },
         ..LaunchOptions::with_timeout(std::time::Duration::from_secs(3600))
     };
-    let outs = launch_local(&mesh, &options, |rank| {
+    let run = |rank: RankContext| -> xfuser_core::Result<Option<Tensor>> {
         let (start, me) = (Instant::now(), rank.rank());
         let no_steps = &mut |i: usize, n: usize| {
             if p.trace_steps {
@@ -808,11 +819,48 @@ fn parallel_loop(
                 .map(Some)
             }
         }
-    })?;
-    outs.into_iter()
-        .flatten()
-        .next()
-        .context("no rank returned the latents")
+    };
+    let Some(world) = process_world() else {
+        let outs = launch_local(&mesh, &options, run)?;
+        report_bytes(&options.stats);
+        return outs
+            .into_iter()
+            .flatten()
+            .next()
+            .context("no rank returned the latents");
+    };
+    // One process per rank: this process runs its own rank, and the rank that holds the
+    // latents shares them with the world (which also waits for every rank to finish).
+    let stats = CommStats::new();
+    let rank = world.rank_context(&mesh, &stats, options.timeout)?;
+    let world_group = rank.world().clone();
+    let own = run(rank)?;
+    report_bytes(&stats);
+    let held = Tensor::new(&[u8::from(own.is_some())], &Device::Cpu)?;
+    let holders = world_group.all_gather_tensors(&held)?;
+    let holder = holders
+        .iter()
+        .position(|h| h.to_vec1::<u8>().is_ok_and(|v| v[0] == 1))
+        .context("no rank returned the latents")?;
+    let latents = match own {
+        Some(l) => l,
+        None => latents.zeros_like()?,
+    };
+    Ok(world_group.broadcast(&latents, holder)?)
+}
+
+/// What rank 0 sent in the loop, to stderr (the same for threads and processes).
+fn report_bytes(stats: &CommStats) {
+    if is_lead_process() {
+        let sent = stats.sum(|k| k.rank == 0).bytes_sent;
+        eprintln!("comm: rank 0 sent {sent} bytes");
+    }
+}
+
+/// Whether this process prints results: always, unless it is a rank other than 0 of a
+/// launched job.
+fn is_lead_process() -> bool {
+    process_world().is_none_or(|w| w.rank() == 0)
 }
 
 fn mode_name(mode: ParallelMode) -> &'static str {
@@ -830,6 +878,9 @@ fn parallel(args: &ParallelArgs) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Under mpirun, this process becomes one rank; MPI is finalised when this is dropped.
+    #[cfg(feature = "mpi")]
+    let _universe = xfuser_mpi::init_from_env()?;
     if !cli.system_malloc {
         xfuser_core::alloc::keep_freed_memory_for_reuse();
     }

@@ -1,5 +1,5 @@
 //! Helpers for the parity tests of every crate: where the committed fixtures are, how to read
-//! a golden file, and the relative L2 error the tolerances are stated in.
+//! a golden file, the relative L2 error the tolerances are stated in, and scratch folders.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -130,4 +130,38 @@ pub fn images_max_abs_diff(images: &[crate::engine::RgbImage], reference: &Tenso
     let ours =
         (Tensor::from_vec(pixels, (b, h, w, 3), &Device::Cpu)?.to_dtype(DType::F64)? / 255.0)?;
     max_abs_diff(&ours, reference)
+}
+
+/// A fresh folder under the system temp dir for one test, named after `tag`, the process and a
+/// counter (tests of one binary run in parallel), removed with its contents when dropped.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates the folder; a test that cannot have one cannot run, so this panics then.
+    pub fn new(tag: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("xfuser-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            panic!("cannot create the test folder {}: {e}", dir.display());
+        }
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

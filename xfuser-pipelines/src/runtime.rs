@@ -6,16 +6,20 @@
 //! request becomes a job (text encoding, conditioning, initial latents, a scheduler with its
 //! timesteps) and how latents become images. docs/model-contract.md describes the contract.
 //!
-//! Ranks are threads of this process ([`launch_local`]); every rank prepares its job itself,
-//! from the same request, so that each sees exactly the serial inputs.
+//! Ranks are threads of this process ([`launch_local`]), or, when a launcher started this
+//! process as one rank of several (a [`ProcessWorld`] is installed, e.g. under `mpirun`), this
+//! process runs its own rank only and loads only its rank's part of the transformer. Every
+//! rank prepares its job itself, from the same request, so that each sees exactly the serial
+//! inputs.
 
 use std::path::Path;
 
 use candle_core::Tensor;
 use xfuser_core::backbone::{Backbone, ForwardContext, PipelineStage, SpContext};
 use xfuser_core::distributed::{
-    launch_local, Axis, CfgUse, InputMetadata, LaunchOptions, ProcessGroup, RankContext,
-    RankCoords, RankMesh, RuntimeState, TpRank,
+    check_world_size, launch_local, process_world, Axis, CfgUse, CommStats, InputMetadata,
+    LaunchOptions, ProcessGroup, ProcessWorld, RankContext, RankCoords, RankMesh, RuntimeState,
+    TpRank,
 };
 use xfuser_core::engine::{
     EngineConfig, InputConfig, OutputType, ParallelConfig, PipelineOutput, RgbImage, RuntimeConfig,
@@ -75,9 +79,11 @@ pub trait DenoisingPipeline: Sync {
 /// A loaded transformer and the parallel configuration it runs under.
 pub struct DiTRuntime {
     /// The whole transformer, or one part per (PipeFusion stage, tensor-parallel position):
-    /// stage-major, the tp position fastest (index `pp·T + tp`). The ranks of the other axes
-    /// (dp, cfg, sp) at the same (pp, tp) share one.
+    /// stage-major, the tp position fastest. The ranks of the other axes (dp, cfg, sp) at the
+    /// same (pp, tp) share one. A process that is one rank of a launched job holds only its own.
     transformers: Vec<Box<dyn Backbone>>,
+    /// The (pp, tp) position of each entry of `transformers`.
+    positions: Vec<(usize, usize)>,
     vae_scale_factor: usize,
     parallel: ParallelConfig,
     runtime: RuntimeConfig,
@@ -135,47 +141,65 @@ impl DiTRuntime {
                 .validate_for_shape(shape.num_attention_heads, shape.num_layers)?;
         }
         let pp = parallel.pipefusion_parallel_degree;
-        let mut transformers = Vec::with_capacity(pp * tp);
-        for index in 0..pp {
-            let stage = (pp > 1).then(|| PipelineStage {
-                index,
-                num_stages: pp,
-                layer_counts: parallel.attn_layer_num_for_pp.clone(),
-            });
-            for position in 0..tp {
-                let options = LoadOptions {
-                    dtype: engine.model.dtype,
-                    device: engine.model.device.clone(),
-                    stage: stage.clone(),
-                    tp: TpRank::new(position, tp)?,
-                };
-                transformers.push(load_transformer(dir, &options)?);
+        let positions: Vec<(usize, usize)> = match process_world() {
+            Some(world) if !parallel.is_serial() => {
+                let mesh = RankMesh::new(parallel)?;
+                check_world_size(mesh.world_size())?;
+                let coords = mesh.coords(world.rank());
+                vec![(coords.pp, coords.tp)]
             }
+            _ => (0..pp)
+                .flat_map(|stage| (0..tp).map(move |position| (stage, position)))
+                .collect(),
+        };
+        let mut transformers = Vec::with_capacity(positions.len());
+        for &(index, position) in &positions {
+            let options = LoadOptions {
+                dtype: engine.model.dtype,
+                device: engine.model.device.clone(),
+                stage: (pp > 1).then(|| PipelineStage {
+                    index,
+                    num_stages: pp,
+                    layer_counts: parallel.attn_layer_num_for_pp.clone(),
+                }),
+                tp: TpRank::new(position, tp)?,
+            };
+            transformers.push(load_transformer(dir, &options)?);
         }
         Ok(Self {
             transformers,
+            positions,
             vae_scale_factor,
             parallel: parallel.clone(),
             runtime: engine.runtime.clone(),
         })
     }
 
-    /// The transformer (with PipeFusion or tensor parallelism: its first stage's first
-    /// shard, which knows the model's facts).
+    /// The transformer (with PipeFusion or tensor parallelism: the first part loaded, which
+    /// knows the model's facts).
     pub fn transformer(&self) -> &dyn Backbone {
         self.transformers[0].as_ref()
     }
 
-    /// The parts of the transformer, one per PipeFusion stage and tensor-parallel position,
-    /// stage-major with the tp position fastest (one in all when P = T = 1).
+    /// The parts of the transformer loaded in this process, one per PipeFusion stage and
+    /// tensor-parallel position, stage-major with the tp position fastest (one in all when
+    /// P = T = 1, and in a process that is one rank of a launched job).
     pub fn stage_transformers(&self) -> impl Iterator<Item = &dyn Backbone> {
         self.transformers.iter().map(|t| t.as_ref())
     }
 
     /// The part the rank at `coords` runs: its stage's shard for its tp position.
-    fn rank_transformer(&self, coords: &RankCoords) -> &dyn Backbone {
-        let tp = self.parallel.tensor_parallel_degree;
-        self.transformers[coords.pp * tp + coords.tp].as_ref()
+    fn rank_transformer(&self, coords: &RankCoords) -> Result<&dyn Backbone> {
+        self.positions
+            .iter()
+            .position(|&p| p == (coords.pp, coords.tp))
+            .map(|i| self.transformers[i].as_ref())
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "this process holds no transformer part for stage {} tp position {}",
+                    coords.pp, coords.tp
+                ))
+            })
     }
 
     pub fn vae_scale_factor(&self) -> usize {
@@ -338,7 +362,7 @@ impl DiTRuntime {
             Some(rank) if pp > 1 => {
                 let metadata = self.runtime_metadata(rank.mesh(), shape, slice.len, input)?;
                 let config = PipeFusionConfig {
-                    backbone: self.rank_transformer(&rank.coords()),
+                    backbone: self.rank_transformer(&rank.coords())?,
                     scheduler: scheduler.as_ref(),
                     rank,
                     metadata: &metadata,
@@ -357,7 +381,7 @@ impl DiTRuntime {
                 let (ctx, backbone) = match rank {
                     Some(rank) => (
                         self.forward_context(rank, shape, slice.len, input)?,
-                        self.rank_transformer(&rank.coords()),
+                        self.rank_transformer(&rank.coords())?,
                     ),
                     None => (ForwardContext::default(), self.transformer()),
                 };
@@ -446,8 +470,9 @@ impl DiTRuntime {
         Ok(ForwardContext::sequence_parallel(method, sp)?.with_tp(tp))
     }
 
-    /// Runs every rank of the parallel configuration as a thread, forwards rank 0's progress
-    /// to `on_step`, and joins the data-parallel groups' outputs in order.
+    /// Runs every rank of the parallel configuration as a thread (or, in a process that is one
+    /// rank of a launched job, this process's rank), forwards rank 0's progress to `on_step`,
+    /// and joins the data-parallel groups' outputs in order.
     fn generate_parallel<P: DenoisingPipeline>(
         &self,
         pipeline: &P,
@@ -457,6 +482,9 @@ impl DiTRuntime {
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<PipelineOutput> {
         let mesh = RankMesh::new(&self.parallel)?;
+        if let Some(world) = process_world() {
+            return self.generate_in_process(world, &mesh, pipeline, shape, plan, input, on_step);
+        }
         let options = LaunchOptions::with_timeout(self.runtime.comm_timeout);
         let stats = options.stats.clone();
         let (progress, steps) = std::sync::mpsc::channel::<(usize, usize)>();
@@ -493,6 +521,126 @@ impl DiTRuntime {
             cache_stats,
         })
     }
+}
+
+impl DiTRuntime {
+    /// Runs this process's rank of a launched job (one process per rank): its share of the
+    /// work as a thread rank would do it, then the data-parallel groups' outputs travel to
+    /// world rank 0, which returns the whole request's output. Every other process returns an
+    /// empty output (no latents rows, no images): only rank 0 reports and writes.
+    #[allow(clippy::too_many_arguments)]
+    fn generate_in_process<P: DenoisingPipeline>(
+        &self,
+        world: &dyn ProcessWorld,
+        mesh: &RankMesh,
+        pipeline: &P,
+        shape: &RunShape,
+        plan: &P::Plan,
+        input: &InputConfig,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<PipelineOutput> {
+        let stats = CommStats::new();
+        let rank = world.rank_context(mesh, &stats, self.runtime.comm_timeout)?;
+        let mut report = |i, n| {
+            if rank.rank() == 0 {
+                on_step(i, n);
+            }
+        };
+        let own = self.run_rank(pipeline, shape, plan, input, Some(&rank), &mut report)?;
+        let lead_of = |dp: usize| -> Result<usize> {
+            let pp = self.parallel.pipefusion_parallel_degree;
+            let coords = RankCoords {
+                dp,
+                cfg: 0,
+                pp: pp - 1,
+                sp: 0,
+                ulysses: 0,
+                ring: 0,
+                tp: 0,
+            };
+            mesh.rank_of(&coords)
+        };
+        let world_group = rank.world();
+        let dp = self.parallel.data_parallel_degree;
+        if rank.rank() != 0 {
+            if let Some((_, output)) = own {
+                // A data-parallel group's lead sends its latents, then its images as one
+                // (n, h, w, 3) u8 tensor (none when latents were asked for).
+                world_group.send(&output.latents, 0)?;
+                world_group.send(&images_tensor(&output.images)?, 0)?;
+            }
+            world_group.barrier()?;
+            return Ok(PipelineOutput {
+                latents: Tensor::zeros(0, candle_core::DType::F32, &candle_core::Device::Cpu)?,
+                images: Vec::new(),
+                comm_stats: Some(stats),
+                cache_stats: None,
+            });
+        }
+        let mut latents = Vec::with_capacity(dp);
+        let mut images = Vec::new();
+        let mut cache_stats = None;
+        for group in 0..dp {
+            let lead = lead_of(group)?;
+            if lead == 0 {
+                let Some((_, output)) = &own else {
+                    return Err(Error::invalid(
+                        "rank 0 leads a data-parallel group but has no output",
+                    ));
+                };
+                latents.push(output.latents.clone());
+                images.extend(output.images.iter().cloned());
+                cache_stats = output.cache_stats;
+            } else {
+                let index = world_group.index_of(lead).ok_or_else(|| {
+                    Error::invalid(format!("rank {lead} is not in the world group"))
+                })?;
+                latents.push(world_group.recv(index)?);
+                images.extend(tensor_images(&world_group.recv(index)?)?);
+            }
+        }
+        world_group.barrier()?;
+        Ok(PipelineOutput {
+            latents: Tensor::cat(&latents, 0)?,
+            images,
+            comm_stats: Some(stats),
+            cache_stats,
+        })
+    }
+}
+
+/// Images as one (n, h, w, 3) u8 tensor, to cross between processes; (0, 0, 0, 3) for none.
+fn images_tensor(images: &[RgbImage]) -> Result<Tensor> {
+    let (h, w) = images.first().map_or((0, 0), |i| (i.height, i.width));
+    let mut data = Vec::with_capacity(images.len() * h * w * 3);
+    for image in images {
+        if (image.height, image.width) != (h, w) {
+            return Err(Error::invalid("the images of one request differ in size"));
+        }
+        data.extend_from_slice(&image.data);
+    }
+    Ok(Tensor::from_vec(
+        data,
+        (images.len(), h, w, 3),
+        &candle_core::Device::Cpu,
+    )?)
+}
+
+fn tensor_images(t: &Tensor) -> Result<Vec<RgbImage>> {
+    let (n, h, w, _) = t.dims4()?;
+    if n * h * w == 0 {
+        return Ok(Vec::new());
+    }
+    let data = t.flatten_all()?.to_vec1::<u8>()?;
+    Ok(data
+        .chunks(h * w * 3)
+        .take(n)
+        .map(|c| RgbImage {
+            width: w,
+            height: h,
+            data: c.to_vec(),
+        })
+        .collect())
 }
 
 /// The registered transformers that support tensor parallelism, for the refusal message.

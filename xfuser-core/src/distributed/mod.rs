@@ -1,6 +1,7 @@
 //! The distributed runtime: the rank mesh of the parallel degrees, process groups with their
 //! collectives over a pluggable backend, a local (one thread per rank) backend with its
-//! launcher, and the per-shape runtime state that says how sequences split.
+//! launcher, the hook that makes each process of a launched job one rank, and the per-shape
+//! runtime state that says how sequences split.
 //!
 //! ```
 //! use xfuser_core::distributed::{launch_local, LaunchOptions, RankMesh};
@@ -23,6 +24,7 @@ mod group;
 mod launch;
 mod local;
 mod mesh;
+mod process;
 pub mod runtime_state;
 mod tp_rank;
 
@@ -33,6 +35,7 @@ pub use group::{
 pub use launch::{launch_local, LaunchOptions, RankContext, RankThreads};
 pub use local::{AbortReason, LocalComm, LocalWorld};
 pub use mesh::{group_name, Axis, CfgUse, RankCoords, RankMesh};
+pub use process::{check_world_size, install_process_world, process_world, ProcessWorld};
 pub use runtime_state::{InputMetadata, Patch, RuntimeState, ShapeParams, SpSlice, TokenRange};
 pub use tp_rank::TpRank;
 
