@@ -154,3 +154,20 @@ fn pipefusion_pipelined_does_not_depend_on_the_stage_count() {
     assert!(between <= 1e-5, "4 vs 2 stages: rel L2 {between:.3e}");
     assert!(deviation.is_finite());
 }
+
+/// Tensor parallelism (half the heads and feed-forward features of every block per rank,
+/// the text stream's projections included), alone and with every other method.
+#[test]
+fn tensor_parallel_alone_and_with_every_method() {
+    let two = input(&["a red cat", "a blue bird over the river"], 64, 96, 4.5);
+    let tp = |p: ParallelConfig| ParallelConfig {
+        tensor_parallel_degree: 2,
+        ..p
+    };
+    check_against_serial("tp 2", tp(degrees(1, false, 1, 1)), two.clone());
+    check_against_serial("tp 2 + cfg", tp(degrees(1, true, 1, 1)), two.clone());
+    check_against_serial("tp 2 + ulysses 2", tp(degrees(1, false, 2, 1)), two.clone());
+    check_against_serial("tp 2 + ring 2", tp(degrees(1, false, 1, 2)), two.clone());
+    check_against_serial("tp 2 + dp 2", tp(degrees(2, false, 1, 1)), two.clone());
+    check_against_serial("tp 2 + pp 2, warmup 4", tp(pipefusion(2, 2, 4)), two);
+}

@@ -15,11 +15,12 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use xfuser_core::attention::{AttentionProcessor, SerialAttention};
 use xfuser_core::backbone::{BackboneInfo, BlockState, ForwardContext, PipelineStage, SpContext};
+use xfuser_core::distributed::{ProcessGroup, TpRank};
 use xfuser_core::kernels;
 use xfuser_core::registry::{LoadOptions, ModelShape};
 use xfuser_core::weights::WeightFiles;
 use xfuser_core::{Error, Result};
-use xfuser_layers::tensor_parallel::{SafetensorsShards, SplitWeights};
+use xfuser_layers::tensor_parallel::{ColumnParallelLinear, SafetensorsShards, SplitWeights};
 
 /// A configuration this port cannot run: the offending field and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -485,6 +486,40 @@ pub fn modulation_chunks(emb: &Tensor, n: usize, dim: usize) -> candle_core::Res
 /// `·(1 + scale) + shift`, in one pass.
 pub fn norm_modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
     kernels::layer_norm_modulate(xs, shift, scale, 1e-6)
+}
+
+/// Column-parallel layers that read the same input as one matrix product: their local
+/// weights stacked (as [`kernels::gemm_friendly_weight`]) and their bias slices joined.
+pub fn fuse_columns(ls: &[&ColumnParallelLinear]) -> Result<(Tensor, Option<Tensor>)> {
+    let w = Tensor::cat(&ls.iter().map(|l| l.weight()).collect::<Vec<_>>(), 0)?;
+    let w = kernels::gemm_friendly_weight(&w)?;
+    let b = match ls.iter().map(|l| l.bias()).collect::<Option<Vec<_>>>() {
+        Some(bs) => Some(Tensor::cat(&bs, 0)?),
+        None => None,
+    };
+    Ok((w, b))
+}
+
+/// The sum over the tp group of a split layer's partial products (None: the whole model on
+/// this rank, the partial is the output).
+pub fn tp_all_reduce(partial: Tensor, tp: Option<&ProcessGroup>) -> Result<Tensor> {
+    match tp {
+        Some(group) => group.all_reduce_sum(&partial),
+        None => Ok(partial),
+    }
+}
+
+/// A tensor-parallel degree must give every rank whole heads (and so divide the hidden and
+/// feed-forward sizes too).
+pub fn check_tp_heads(class_name: &str, heads: usize, tp: TpRank) -> Result<()> {
+    if tp.size == 0 || !heads.is_multiple_of(tp.size) {
+        return Err(Error::invalid(format!(
+            "--tensor-parallel-degree {} does not divide the {heads} attention heads \
+             (num_attention_heads) of {class_name}: every rank must hold whole heads",
+            tp.size
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -279,27 +279,6 @@ struct Attention {
     parameter_bytes: usize,
 }
 
-/// Column-parallel layers that read the same input as one matrix product: their local
-/// weights stacked (as [`kernels::gemm_friendly_weight`]) and their bias slices joined.
-fn fuse_columns(ls: &[&ColumnParallelLinear]) -> Result<(Tensor, Option<Tensor>)> {
-    let w = Tensor::cat(&ls.iter().map(|l| l.weight()).collect::<Vec<_>>(), 0)?;
-    let w = kernels::gemm_friendly_weight(&w)?;
-    let b = match ls.iter().map(|l| l.bias()).collect::<Option<Vec<_>>>() {
-        Some(bs) => Some(Tensor::cat(&bs, 0)?),
-        None => None,
-    };
-    Ok((w, b))
-}
-
-/// The sum over the tp group of a split layer's partial products (None: the whole model on
-/// this rank, the partial is the output).
-fn all_reduce(partial: Tensor, tp: Option<&ProcessGroup>) -> Result<Tensor> {
-    match tp {
-        Some(group) => group.all_reduce_sum(&partial),
-        None => Ok(partial),
-    }
-}
-
 /// Encoder tensors whose text keys/values a cross-attention keeps (e.g. both CFG halves of
 /// two rank threads sharing a model).
 const KV_CACHE_ENTRIES: usize = 2;
@@ -334,11 +313,11 @@ impl Attention {
             + to_out.parameter_bytes();
         let ((w_in, b_in), kv) = if cross {
             (
-                fuse_columns(&[&to_q])?,
-                Some(fuse_columns(&[&to_k, &to_v])?),
+                common::fuse_columns(&[&to_q])?,
+                Some(common::fuse_columns(&[&to_k, &to_v])?),
             )
         } else {
-            (fuse_columns(&[&to_q, &to_k, &to_v])?, None)
+            (common::fuse_columns(&[&to_q, &to_k, &to_v])?, None)
         };
         Ok(Self {
             w_in,
@@ -540,13 +519,14 @@ impl BasicTransformerBlock {
         let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
 
         let normed = self.norm1.forward_modulated(hidden, shift_msa, scale_msa)?;
-        let attn = all_reduce(self.attn1.self_attention(&normed, layer, processor)?, tp)?;
+        let attn =
+            common::tp_all_reduce(self.attn1.self_attention(&normed, layer, processor)?, tp)?;
         let mut hidden =
             kernels::gated_residual(hidden, Some(gate_msa), &attn, self.attn1.out_bias())?;
 
         if let Some(attn2) = &self.attn2 {
             let text = state.text(CLASS_NAME)?;
-            let attn = all_reduce(
+            let attn = common::tp_all_reduce(
                 attn2.cross_attention(&hidden, text, state.encoder_bias.as_ref())?,
                 tp,
             )?;
@@ -556,7 +536,7 @@ impl BasicTransformerBlock {
         let normed = self
             .norm2
             .forward_modulated(&hidden, shift_mlp, scale_mlp)?;
-        let ff = all_reduce(self.ff.forward_partial(&normed)?, tp)?;
+        let ff = common::tp_all_reduce(self.ff.forward_partial(&normed)?, tp)?;
         Ok(kernels::gated_residual(
             &hidden,
             Some(gate_mlp),
@@ -564,19 +544,6 @@ impl BasicTransformerBlock {
             self.ff.out_bias(),
         )?)
     }
-}
-
-/// A tensor-parallel degree must give every rank whole heads (and so divide the hidden and
-/// feed-forward sizes too).
-fn check_tp_heads(cfg: &Config, tp: TpRank) -> Result<()> {
-    if tp.size == 0 || !cfg.num_attention_heads.is_multiple_of(tp.size) {
-        return Err(Error::invalid(format!(
-            "--tensor-parallel-degree {} does not divide the {} attention heads \
-             (num_attention_heads) of {CLASS_NAME}: every rank must hold whole heads",
-            tp.size, cfg.num_attention_heads
-        )));
-    }
-    Ok(())
 }
 
 /// x·(1 + scale) + shift, with (B, 1, D) scale and shift.
@@ -645,7 +612,7 @@ impl PixArtTransformer2DModel {
             first,
             last,
         } = common::stage_layers(cfg, stage)?;
-        check_tp_heads(cfg, tp)?;
+        common::check_tp_heads(CLASS_NAME, cfg.num_attention_heads, tp)?;
         let activation = FeedForwardActivation::from_diffusers_name(&cfg.activation_fn)
             .expect("validated activation");
         let dim = cfg.inner_dim();

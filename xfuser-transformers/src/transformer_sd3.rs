@@ -45,12 +45,14 @@ use xfuser_core::backbone::{
     names, Backbone, BackboneInfo, BackboneInputs, BlockState, Conditioning, ForwardContext,
     PipelineStage,
 };
+use xfuser_core::distributed::{ProcessGroup, TpRank};
 use xfuser_core::kernels;
 use xfuser_core::registry::{LoadOptions, ModelShape, TransformerEntry};
 use xfuser_core::{Error, Result};
 use xfuser_layers::embeddings::{get_2d_sincos_pos_embed, CombinedTimestepTextProjEmbeddings};
-use xfuser_layers::feed_forward::{FeedForward, FeedForwardActivation};
+use xfuser_layers::feed_forward::{FeedForwardActivation, ParallelFeedForward};
 use xfuser_layers::normalization::{AdaLayerNormContinuous, RmsNorm};
+use xfuser_layers::tensor_parallel::{ColumnParallelLinear, RowParallelLinear, SplitWeights};
 
 pub use crate::backbone_common::ConfigProblem;
 use crate::backbone_common::{self as common, ModelConfig, PatchRows, StageLayers};
@@ -338,18 +340,23 @@ impl PatchRows for PatchEmbed {
 }
 
 /// The q, k, v projections of one token stream, fused into one matrix product, with their
-/// optional RMS norms of q and k.
+/// optional RMS norms of q and k. Under tensor parallelism each projection is column-parallel:
+/// this rank's heads only (the per-head norms are whole).
 #[derive(Debug)]
 struct QkvProjection {
-    /// [q; k; v] (3·inner, D) and their biases.
+    /// [q; k; v] (3·inner/T, D) and their biases.
     weight: Tensor,
     bias: Option<Tensor>,
     norm_q: Option<RmsNorm>,
     norm_k: Option<RmsNorm>,
+    /// Bytes of the split weights kept.
+    split_bytes: usize,
 }
 
 impl QkvProjection {
-    /// `names` are the q, k, v projection modules and the q, k norms under `vb`.
+    /// `names` are the q, k, v projection modules (shard `tp` of each, from `split`) and the
+    /// q, k norms (whole, from `vb`).
+    #[allow(clippy::too_many_arguments)]
     fn new(
         dim: usize,
         inner: usize,
@@ -357,10 +364,13 @@ impl QkvProjection {
         qk_norm: bool,
         names: [&str; 5],
         vb: &VarBuilder,
-    ) -> candle_core::Result<Self> {
-        let proj = |name: &str| candle_nn::linear(dim, inner, vb.pp(name));
-        let (weight, bias) =
-            common::fuse_linears(&[&proj(names[0])?, &proj(names[1])?, &proj(names[2])?])?;
+        tp: TpRank,
+        split: &SplitWeights,
+    ) -> Result<Self> {
+        let proj = |name: &str| ColumnParallelLinear::load(dim, inner, true, tp, &split.pp(name));
+        let (q, k, v) = (proj(names[0])?, proj(names[1])?, proj(names[2])?);
+        let split_bytes = [&q, &k, &v].iter().map(|l| l.parameter_bytes()).sum();
+        let (weight, bias) = common::fuse_columns(&[&q, &k, &v])?;
         let norm = |name: &str| -> candle_core::Result<Option<RmsNorm>> {
             qk_norm
                 .then(|| RmsNorm::new(head_dim, NORM_EPS, true, vb.pp(name)))
@@ -371,6 +381,7 @@ impl QkvProjection {
             bias,
             norm_q: norm(names[3])?,
             norm_k: norm(names[4])?,
+            split_bytes,
         })
     }
 
@@ -399,13 +410,16 @@ impl QkvProjection {
 /// `norm_q`, `norm_k`, `to_out.0`) and, for the joint attention `attn`, the text projections
 /// (`add_q_proj`, `add_k_proj`, `add_v_proj`, `norm_added_q`, `norm_added_k`, and `to_add_out`
 /// except in the `context_pre_only` block). Outputs are returned without the biases of the
-/// output projections, which the callers add in a fused residual.
+/// output projections, which the callers add in a fused residual. Under tensor parallelism
+/// the projections in are column-parallel (this rank's H/T heads) and the projections out
+/// row-parallel: the outputs are this rank's partial sums, to be all-reduced.
 #[derive(Debug)]
 struct Attention {
     image: QkvProjection,
-    to_out: Linear,
+    to_out: RowParallelLinear,
     /// The text side of a joint attention, and its output projection.
-    text: Option<(QkvProjection, Option<Linear>)>,
+    text: Option<(QkvProjection, Option<RowParallelLinear>)>,
+    /// The heads this rank computes.
     heads: usize,
     head_dim: usize,
 }
@@ -416,7 +430,9 @@ impl Attention {
         joint: bool,
         context_pre_only: bool,
         vb: VarBuilder,
-    ) -> candle_core::Result<Self> {
+        tp: TpRank,
+        split: &SplitWeights,
+    ) -> Result<Self> {
         let (dim, heads, head_dim) = (
             cfg.inner_dim(),
             cfg.num_attention_heads,
@@ -430,11 +446,12 @@ impl Attention {
             qk_norm,
             ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
             &vb,
+            tp,
+            split,
         )?;
-        let to_out =
-            kernels::gemm_friendly_linear(&candle_nn::linear(dim, dim, vb.pp("to_out.0"))?)?;
+        let to_out = RowParallelLinear::load(dim, dim, true, tp, &split.pp("to_out.0"))?;
         let text = joint
-            .then(|| -> candle_core::Result<_> {
+            .then(|| -> Result<_> {
                 let proj = QkvProjection::new(
                     dim,
                     dim,
@@ -448,11 +465,11 @@ impl Attention {
                         "norm_added_k",
                     ],
                     &vb,
+                    tp,
+                    split,
                 )?;
                 let out = (!context_pre_only)
-                    .then(|| candle_nn::linear(dim, dim, vb.pp("to_add_out")))
-                    .transpose()?
-                    .map(|l| kernels::gemm_friendly_linear(&l))
+                    .then(|| RowParallelLinear::load(dim, dim, true, tp, &split.pp("to_add_out")))
                     .transpose()?;
                 Ok((proj, out))
             })
@@ -461,9 +478,17 @@ impl Attention {
             image,
             to_out,
             text,
-            heads,
+            heads: heads / tp.size,
             head_dim,
         })
+    }
+
+    /// Bytes of the split weights this rank keeps.
+    fn split_parameter_bytes(&self) -> usize {
+        let text = self.text.as_ref().map_or(0, |(proj, out)| {
+            proj.split_bytes + out.as_ref().map_or(0, |o| o.parameter_bytes())
+        });
+        self.image.split_bytes + self.to_out.parameter_bytes() + text
     }
 
     fn scale(&self) -> f64 {
@@ -494,7 +519,7 @@ impl Attention {
             let out = processor.self_attention(site, &q, &k, &v, self.scale())?;
             self.merge_heads(&out)?
         };
-        Ok(kernels::matmul_t(&out, self.to_out.weight())?)
+        self.to_out.forward_partial(&out)
     }
 
     /// Joint attention of the image tokens `xs` (B, N, D) and the text `context` (B, L, D),
@@ -541,9 +566,9 @@ impl Attention {
             };
             (self.merge_heads(&image)?, text)
         };
-        let image = kernels::matmul_t(&image, self.to_out.weight())?;
+        let image = self.to_out.forward_partial(&image)?;
         let text = match (to_add_out, text) {
-            (Some(out), Some(t)) => Some(kernels::matmul_t(&t, out.weight())?),
+            (Some(out), Some(t)) => Some(out.forward_partial(&t)?),
             _ => None,
         };
         Ok((image, text))
@@ -578,14 +603,22 @@ struct JointTransformerBlock {
     norm1_context: ContextNorm,
     attn: Attention,
     attn2: Option<Attention>,
-    ff: FeedForward,
+    ff: ParallelFeedForward,
     /// None in the `context_pre_only` block.
-    ff_context: Option<FeedForward>,
+    ff_context: Option<ParallelFeedForward>,
     dim: usize,
 }
 
 impl JointTransformerBlock {
-    fn new(cfg: &Config, layer: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    /// Shard `tp` of block `layer`: attention and feed-forward layers from `split`, the rest
+    /// whole from `vb`.
+    fn new(
+        cfg: &Config,
+        layer: usize,
+        vb: VarBuilder,
+        tp: TpRank,
+        split: &SplitWeights,
+    ) -> Result<Self> {
         let dim = cfg.inner_dim();
         let context_pre_only = layer + 1 == cfg.num_layers;
         let dual = cfg.uses_dual_attention(layer);
@@ -609,19 +642,40 @@ impl JointTransformerBlock {
             ContextNorm::Zero(adaln(6, "norm1_context")?)
         };
         let ff = |name: &str| {
-            FeedForward::new(dim, 4 * dim, FeedForwardActivation::GeluTanh, vb.pp(name))
+            ParallelFeedForward::load(
+                dim,
+                4 * dim,
+                FeedForwardActivation::GeluTanh,
+                tp,
+                &split.pp(name),
+            )
         };
         Ok(Self {
             norm1: adaln(if dual { 9 } else { 6 }, "norm1")?,
             norm1_context,
-            attn: Attention::new(cfg, true, context_pre_only, vb.pp("attn"))?,
+            attn: Attention::new(
+                cfg,
+                true,
+                context_pre_only,
+                vb.pp("attn"),
+                tp,
+                &split.pp("attn"),
+            )?,
             attn2: dual
-                .then(|| Attention::new(cfg, false, false, vb.pp("attn2")))
+                .then(|| Attention::new(cfg, false, false, vb.pp("attn2"), tp, &split.pp("attn2")))
                 .transpose()?,
             ff: ff("ff")?,
             ff_context: (!context_pre_only).then(|| ff("ff_context")).transpose()?,
             dim,
         })
+    }
+
+    /// Bytes of the split layers' weights this rank keeps.
+    fn split_parameter_bytes(&self) -> usize {
+        self.attn.split_parameter_bytes()
+            + self.attn2.as_ref().map_or(0, |a| a.split_parameter_bytes())
+            + self.ff.parameter_bytes()
+            + self.ff_context.as_ref().map_or(0, |f| f.parameter_bytes())
     }
 
     /// The image stream's attention input: `norm1` of `hidden` with the first shift and scale.
@@ -633,7 +687,8 @@ impl JointTransformerBlock {
 
     /// (image (B, N, D), text (B, L, D)) -> (image, text; None after the last block).
     /// `temb` is the (B, D) conditioning and `temb_silu` its SiLU; `layer` and `attn2_site`
-    /// name the attention sites.
+    /// name the attention sites; `tp` is the group the split layers' partial outputs are
+    /// all-reduced over (None: whole layers).
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -644,6 +699,7 @@ impl JointTransformerBlock {
         layer: usize,
         attn2_site: usize,
         processor: &dyn AttentionProcessor,
+        tp: Option<&ProcessGroup>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let dim = self.dim;
         let chunks = if self.attn2.is_some() { 9 } else { 6 };
@@ -669,14 +725,19 @@ impl JointTransformerBlock {
         let (attn, context_attn) =
             self.attn
                 .joint_attention(&normed, &normed_context, layer, processor)?;
+        let attn = common::tp_all_reduce(attn, tp)?;
+        let context_attn = context_attn
+            .map(|t| common::tp_all_reduce(t, tp))
+            .transpose()?;
         let mut hidden = kernels::gated_residual(hidden, Some(&m[2]), &attn, self.attn.out_bias())?;
         if let (Some(attn2), Some(normed2)) = (&self.attn2, normed2) {
-            let attn = attn2.self_attention(&normed2, attn2_site, processor)?;
+            let attn =
+                common::tp_all_reduce(attn2.self_attention(&normed2, attn2_site, processor)?, tp)?;
             hidden = kernels::gated_residual(&hidden, Some(&m[8]), &attn, attn2.out_bias())?;
         }
         let normed = common::norm_modulate(&hidden, &m[3], &m[4])?;
-        let (ff, ff_bias) = self.ff.forward_without_out_bias(&normed)?;
-        let hidden = kernels::gated_residual(&hidden, Some(&m[5]), &ff, ff_bias)?;
+        let ff = common::tp_all_reduce(self.ff.forward_partial(&normed)?, tp)?;
+        let hidden = kernels::gated_residual(&hidden, Some(&m[5]), &ff, self.ff.out_bias())?;
 
         let (Some(ff_context), Some(c), Some(context_attn)) =
             (&self.ff_context, context_mod, context_attn)
@@ -692,8 +753,8 @@ impl JointTransformerBlock {
             self.attn.add_out_bias(),
         )?;
         let normed = common::norm_modulate(&encoder, &c[3], &c[4])?;
-        let (ff, ff_bias) = ff_context.forward_without_out_bias(&normed)?;
-        let encoder = kernels::gated_residual(&encoder, Some(&c[5]), &ff, ff_bias)?;
+        let ff = common::tp_all_reduce(ff_context.forward_partial(&normed)?, tp)?;
+        let encoder = kernels::gated_residual(&encoder, Some(&c[5]), &ff, ff_context.out_bias())?;
         Ok((hidden, Some(encoder)))
     }
 }
@@ -723,6 +784,8 @@ pub struct SD3Transformer2DModel {
     /// Bytes of the weights loaded, when loaded from files.
     parameter_bytes: Option<u64>,
     dtype: DType,
+    /// The tensor-parallel shard this instance holds (the whole model: serial).
+    tp: TpRank,
 }
 
 impl SD3Transformer2DModel {
@@ -738,11 +801,33 @@ impl SD3Transformer2DModel {
         vb: VarBuilder,
         stage: Option<&PipelineStage>,
     ) -> candle_core::Result<Self> {
+        let split = SplitWeights::VarBuilder(vb.clone());
+        Self::new_shard(cfg, vb, split, TpRank::serial(), stage).map_err(|e| match e {
+            Error::Candle(e) => e,
+            e => candle_core::Error::Msg(e.to_string()),
+        })
+    }
+
+    /// Builds tensor-parallel shard `tp` of the whole model or of a PipeFusion stage: in every
+    /// block the attention projections in (`to_q/k/v`, `add_q/k/v_proj`) column-parallel and
+    /// out (`to_out.0`, `to_add_out`) row-parallel, for `attn` and SD3.5's `attn2`, and both
+    /// feed-forwards (`ff`, `ff_context`: `net.0.proj` column, `net.2` row) read from `split`,
+    /// this rank's H/T heads and 4·D/T hidden features; everything else (the q/k norms, the
+    /// adaLN modulations, embeddings, final layer) whole from `vb`. The forward then needs the
+    /// tp group in its [`ForwardContext::tp`].
+    pub fn new_shard(
+        cfg: &Config,
+        vb: VarBuilder,
+        split: SplitWeights,
+        tp: TpRank,
+        stage: Option<&PipelineStage>,
+    ) -> Result<Self> {
         let StageLayers {
             layers,
             first,
             last,
         } = common::stage_layers(cfg, stage)?;
+        common::check_tp_heads(CLASS_NAME, cfg.num_attention_heads, tp)?;
         let dim = cfg.inner_dim();
         let p = cfg.patch_size;
         let out_channels = cfg.out_channels();
@@ -751,8 +836,16 @@ impl SD3Transformer2DModel {
             .transpose()?;
         let transformer_blocks = layers
             .clone()
-            .map(|i| JointTransformerBlock::new(cfg, i, vb.pp("transformer_blocks").pp(i)))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .map(|i| {
+                JointTransformerBlock::new(
+                    cfg,
+                    i,
+                    vb.pp("transformer_blocks").pp(i),
+                    tp,
+                    &split.pp("transformer_blocks").pp(i),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
         let final_layer = last
             .then(|| -> candle_core::Result<_> {
                 Ok((
@@ -804,15 +897,34 @@ impl SD3Transformer2DModel {
             final_layer,
             parameter_bytes: None,
             dtype: vb.dtype(),
+            tp,
         })
     }
 
     /// Reads `dir/config.json` and the weights in `dir` (only a stage's, with
-    /// `options.stage`); errors name the file, and the field or tensor at fault.
+    /// `options.stage`; only shard `options.tp` of the split layers, each rank copying only
+    /// its bytes out of the files); errors name the file, and the field or tensor at fault.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        let (mut model, bytes) = common::load_stage(dir, options, Self::new_stage)?;
-        model.parameter_bytes = Some(bytes);
+        let (mut model, replicated) =
+            common::load_stage_split(dir, options, |cfg, vb, split, stage| {
+                Self::new_shard(cfg, vb, split, options.tp, stage)
+            })?;
+        model.parameter_bytes = Some(replicated + model.split_parameter_bytes());
         Ok(model)
+    }
+
+    /// Bytes of the split layers' weights (attention and feed-forward of the blocks held) that
+    /// this instance keeps: 1/T of the whole model's.
+    pub fn split_parameter_bytes(&self) -> u64 {
+        self.transformer_blocks
+            .iter()
+            .map(|b| b.split_parameter_bytes() as u64)
+            .sum()
+    }
+
+    /// The tensor-parallel shard this instance holds.
+    pub fn tp_rank(&self) -> TpRank {
+        self.tp
     }
 
     pub fn config(&self) -> &Config {
@@ -947,6 +1059,8 @@ impl Backbone for SD3Transformer2DModel {
             return Ok(state);
         }
         let processor = common::block_processor(ctx)?;
+        self.tp.check_group(ctx.tp.as_ref(), CLASS_NAME)?;
+        let tp = ctx.tp.as_ref().filter(|_| !self.tp.is_serial());
         let temb = state.conditioning(TEMB)?.clone();
         let temb_silu = temb.silu()?;
         let num_layers = self.info.num_layers;
@@ -966,6 +1080,7 @@ impl Backbone for SD3Transformer2DModel {
                 layer,
                 num_layers + layer,
                 processor,
+                tp,
             )?;
             state.hidden = hidden;
             state.encoder = encoder;
@@ -1009,8 +1124,7 @@ xfuser_core::inventory::submit! {
         class_name: CLASS_NAME,
         load: load_backbone,
         shape: common::config_shape::<Config>,
-        // Not split yet (docs/tensor-parallel.md has the plan).
-        tensor_parallel: false,
+        tensor_parallel: true,
     }
 }
 

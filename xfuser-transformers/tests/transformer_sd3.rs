@@ -298,3 +298,39 @@ fn unsupported_qk_norm_is_refused_naming_the_field() {
     let cfg: Config = serde_json::from_str(r#"{"qk_norm": "layer_norm"}"#).unwrap();
     assert_eq!(cfg.validate().unwrap_err().field, "qk_norm");
 }
+
+/// Tensor parallelism at degree 2: each rank loads its shard (half the heads of every
+/// attention, SD3.5's qk norms and second attention included, and half the feed-forward
+/// features), and the all-reduced forward equals diffusers' on both ranks.
+#[test]
+fn tp2_shards_forward_like_the_whole_model() {
+    use xfuser_core::distributed::{launch_local, LaunchOptions, RankMesh, TpRank};
+    use xfuser_core::engine::ParallelConfig;
+    for model_name in MODELS {
+        let shards: Vec<_> = (0..2)
+            .map(|i| {
+                let options = LoadOptions {
+                    tp: TpRank::new(i, 2).unwrap(),
+                    ..Default::default()
+                };
+                load_with(model_name, &options)
+            })
+            .collect();
+        let io = case(model_name, None);
+        let mesh = RankMesh::new(&ParallelConfig {
+            tensor_parallel_degree: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        let outs = launch_local(&mesh, &LaunchOptions::default(), |rank| {
+            let ctx = ForwardContext::default().with_tp(Some(rank.tp_group().clone()));
+            shards[rank.coords().tp].forward(&io.inputs(), &ctx)
+        })
+        .unwrap();
+        for (r, out) in outs.iter().enumerate() {
+            let err = rel_l2(out, &io["sample"]).unwrap();
+            println!("{model_name} tp 2 rank {r}: rel L2 {err:.3e} vs diffusers");
+            assert!(err <= 1e-5, "{model_name} tp rank {r}: rel L2 {err:.3e}");
+        }
+    }
+}
