@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Each module has make(fixtures_dir: Path) and writes only below its own sub-folder (dit: below
 # examples/dit-plugin/tests/fixtures, the out-of-tree plugin crate's own).
-MODULES = ["randn", "schedulers", "transformer", "text", "pipelines", "vae", "sd3", "flux", "dit", "trained"]
+MODULES = ["randn", "schedulers", "transformer", "text", "pipelines", "vae", "sd3", "flux", "dit", "trained", "vit"]
 
 
 def main(argv):

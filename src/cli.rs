@@ -37,7 +37,10 @@ enum Command {
     Generate(GenerateArgs),
     /// Serve the model over HTTP: it is loaded once and runs one request at a time.
     Serve(ServeArgs),
-    /// List the registered pipelines, transformers and schedulers.
+    /// Classify pictures with a transformers image classifier (ViT), on dp × tp × pp ranks.
+    Classify(ClassifyArgs),
+    /// List the registered pipelines, transformers, schedulers, attention processors and
+    /// classifiers.
     List,
 }
 
@@ -218,6 +221,30 @@ struct ServeArgs {
     fail_on_prompt: Option<String>,
 }
 
+/// `xfuser classify`: LiBai's 3-D parallel layout (docs/vit.md).
+#[derive(Args)]
+struct ClassifyArgs {
+    /// A transformers image-classification folder: config.json (architectures[0] names the
+    /// model), model.safetensors, preprocessor_config.json.
+    #[arg(long)]
+    model: PathBuf,
+    /// The pictures to classify (PNG).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Where to write {"logits": [[…] per image], "labels": [top-1 label per image]}.
+    #[arg(long, alias = "output_json")]
+    output_json: PathBuf,
+    /// The images split over this many groups.
+    #[arg(long, alias = "data_parallel_degree", default_value_t = 1)]
+    data_parallel_degree: usize,
+    /// Attention heads and MLP split over this many ranks per stage.
+    #[arg(long, alias = "tensor_parallel_degree", default_value_t = 1)]
+    tensor_parallel_degree: usize,
+    /// Encoder layers split into this many stages; images flow through them one at a time.
+    #[arg(long, alias = "pipeline_parallel_degree", default_value_t = 1)]
+    pipeline_parallel_degree: usize,
+}
+
 /// Runs the `xfuser` command line on the process's arguments and exits the process with status 1
 /// after printing a one-line error when the command fails.
 pub fn main() {
@@ -260,6 +287,7 @@ pub fn main() {
     let result = match cli.command {
         Command::Generate(args) => generate(args),
         Command::Serve(args) => serve(args),
+        Command::Classify(args) => classify(args),
         Command::List => {
             if is_lead_process() {
                 list();
@@ -313,6 +341,22 @@ fn refuse_early<T>(check: impl FnOnce() -> Result<T>) -> Result<T> {
     check().map_err(|e| anyhow::Error::new(Refusal(e)))
 }
 
+/// Refuses `command`, whose ranks are threads of one process, in a process a launcher started
+/// as one rank of several.
+fn refuse_under_launcher(command: &str) -> Result<()> {
+    match process_world() {
+        None => Ok(()),
+        Some(world) => refuse_early(|| {
+            bail!(
+                "xfuser {command} runs its ranks as threads of one process; start it without \
+                 the {} launcher (it was started as {} processes)",
+                world.backend(),
+                world.size()
+            )
+        }),
+    }
+}
+
 /// Whether this process prints and writes: always, unless it is a rank other than 0 of a
 /// launched job.
 fn is_lead_process() -> bool {
@@ -325,6 +369,7 @@ fn list() {
         Kind::Transformer,
         Kind::Scheduler,
         Kind::AttentionProcessor,
+        Kind::Classifier,
     ] {
         println!("{}s:", kind.as_str());
         for name in registered(kind) {
@@ -407,6 +452,61 @@ fn generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn classify(args: ClassifyArgs) -> Result<()> {
+    use crate::pipelines::classify::ParallelClassifier;
+    use crate::pipelines::image_processing::read_rgb_image;
+    refuse_under_launcher("classify")?;
+    let parallel = ParallelConfig {
+        data_parallel_degree: args.data_parallel_degree,
+        tensor_parallel_degree: args.tensor_parallel_degree,
+        pipefusion_parallel_degree: args.pipeline_parallel_degree,
+        ..ParallelConfig::default()
+    };
+    // Every picture is read, and the output folder checked, before the model is loaded.
+    let images = args
+        .images
+        .iter()
+        .map(|path| read_rgb_image(path))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let out_dir = match args.output_json.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !out_dir.is_dir() {
+        bail!(
+            "--output-json {}: the folder {} does not exist",
+            args.output_json.display(),
+            out_dir.display()
+        );
+    }
+    let classifier = ParallelClassifier::load(&args.model, &parallel)?;
+    let result = classifier.classify(&images)?;
+    let json = serde_json::json!({ "logits": result.logits, "labels": result.labels });
+    write_atomically(&args.output_json, &format!("{json}\n"))?;
+    for (path, label) in args.images.iter().zip(&result.labels) {
+        println!("{}\t{label}", path.display());
+    }
+    Ok(())
+}
+
+/// Writes `text` to `path` through a temporary file beside it and a rename, so that `path`
+/// is either absent or whole.
+fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output.json".into());
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let written = std::fs::write(&tmp, text)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(anyhow::Error::from));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.context(format!("writing {}", path.display())));
+    }
+    Ok(())
+}
+
 /// The request defaults for `model` (None: the bundled model, which has its own).
 fn request_defaults(model: Option<&str>) -> GenerateParams {
     match model {
@@ -447,16 +547,7 @@ fn load(
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
-    if let Some(world) = process_world() {
-        return refuse_early(|| {
-            bail!(
-                "xfuser serve runs as one process whose ranks are threads; start it without \
-                 the {} launcher (it was started as {} processes)",
-                world.backend(),
-                world.size()
-            )
-        });
-    }
+    refuse_under_launcher("serve")?;
     let parallel = args.parallel.config();
     parallel.validate()?;
     let step_cache = args.cache.config()?;

@@ -846,13 +846,13 @@ fn tensor_parallel_degree_must_divide_the_heads() {
 
 /// The models not split yet refuse tensor parallelism, naming themselves.
 #[test]
-fn sd3_refuses_tensor_parallelism() {
+fn flux_refuses_tensor_parallelism() {
     refused(
-        &sd3_dir().to_string_lossy(),
+        &flux_dev_dir().to_string_lossy(),
         &["--tensor-parallel-degree", "2"],
         &[
             "--tensor-parallel-degree 2",
-            "SD3Transformer2DModel does not support tensor parallelism",
+            "FluxTransformer2DModel does not support tensor parallelism",
         ],
     );
 }

@@ -66,6 +66,27 @@ pub fn class_name_of(value: &serde_json::Value, path: &Path) -> Result<String> {
     }
 }
 
+/// The model class a transformers `config.json` names: the first entry of `architectures`
+/// ("ViTForImageClassification"), as an error naming the file when absent.
+pub fn architecture_of(value: &serde_json::Value, path: &Path) -> Result<String> {
+    let error = |message: String| Error::Config {
+        file: path.to_path_buf(),
+        field: "architectures".into(),
+        message,
+    };
+    match value.get("architectures") {
+        Some(serde_json::Value::Array(names)) => match names.first() {
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(other) => Err(error(format!("expected a class name, found {other}"))),
+            None => Err(error("is empty; expected the model class name".into())),
+        },
+        Some(other) => Err(error(format!(
+            "expected a list of class names, found {other}"
+        ))),
+        None => Err(error("missing field `architectures`".into())),
+    }
+}
+
 /// Python's json module (and so diffusers' `save_pretrained`) writes non-finite floats as bare
 /// `Infinity`, `-Infinity` and `NaN`, which JSON does not allow; e.g. DPM-Solver's default
 /// `lambda_min_clipped` is `-Infinity`. Outside string literals, such tokens become the strings

@@ -5,6 +5,7 @@
 pub mod alloc;
 pub mod attention;
 pub mod backbone;
+pub mod classifier;
 pub mod config;
 pub mod distributed;
 pub mod engine;

@@ -1,17 +1,20 @@
 //! The registry: components register themselves with `inventory::submit!` under their diffusers
 //! class name, and loaders dispatch on the `_class_name` read from the config files.
 //!
-//! Kinds so far: pipelines, transformer backbones, schedulers and attention processors (layers
-//! join them as they are built). Attention processors are keyed by method name ("serial",
-//! "ulysses", "ring", "usp") rather than a class name. Diffusers' remappings of old class names
-//! (e.g. `Transformer2DModel` with `norm_type: "ada_norm_single"` is PixArt) are registered as
-//! [`ClassAlias`] entries with a predicate on the config.
+//! Kinds so far: pipelines, transformer backbones, schedulers, attention processors (layers
+//! join them as they are built) and image classifiers. Attention processors are keyed by method
+//! name ("serial", "ulysses", "ring", "usp") rather than a class name. Classifiers are
+//! transformers models, keyed by the class their `config.json` names in `architectures[0]`
+//! ("ViTForImageClassification") rather than by `_class_name`. Diffusers' remappings of old
+//! class names (e.g. `Transformer2DModel` with `norm_type: "ada_norm_single"` is PixArt) are
+//! registered as [`ClassAlias`] entries with a predicate on the config.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::attention::AttentionProcessor;
 use crate::backbone::{Backbone, PipelineStage, SpContext};
+use crate::classifier::ImageClassifier;
 use crate::distributed::TpRank;
 use crate::engine::EngineConfig;
 use crate::pipeline::DiffusionPipeline;
@@ -88,6 +91,18 @@ pub struct AttentionProcessorEntry {
     pub build: fn(sp: &SpContext) -> Result<Arc<dyn AttentionProcessor>>,
 }
 
+/// An image classifier (transformers' `*ForImageClassification`), built from its folder
+/// (`config.json`, `model.safetensors`); keyed by `architectures[0]` of `config.json`.
+pub struct ClassifierEntry {
+    pub class_name: &'static str,
+    /// Honours [`LoadOptions::stage`] (only the stage's layers; the embedding on the first,
+    /// the head on the last) and [`LoadOptions::tp`] (the shard of every split layer).
+    pub load: fn(dir: &Path, options: &LoadOptions) -> Result<Box<dyn ImageClassifier>>,
+    /// The sizes the parallel degrees are checked against, from the parsed `config.json`
+    /// alone (`file` is for errors), before any weights are read.
+    pub shape: fn(config: &serde_json::Value, file: &Path) -> Result<ModelShape>,
+}
+
 /// An old or generic class name that stands for a registered one when `applies` holds on the
 /// config (diffusers remaps such names when it loads).
 pub struct ClassAlias {
@@ -103,6 +118,7 @@ pub enum Kind {
     Transformer,
     Scheduler,
     AttentionProcessor,
+    Classifier,
 }
 
 impl Kind {
@@ -112,6 +128,7 @@ impl Kind {
             Kind::Transformer => "transformer",
             Kind::Scheduler => "scheduler",
             Kind::AttentionProcessor => "attention processor",
+            Kind::Classifier => "classifier",
         }
     }
 }
@@ -120,6 +137,7 @@ inventory::collect!(PipelineEntry);
 inventory::collect!(TransformerEntry);
 inventory::collect!(SchedulerEntry);
 inventory::collect!(AttentionProcessorEntry);
+inventory::collect!(ClassifierEntry);
 inventory::collect!(ClassAlias);
 
 /// The class names registered for `kind`, sorted.
@@ -140,6 +158,10 @@ pub fn registered(kind: Kind) -> Vec<&'static str> {
         Kind::AttentionProcessor => inventory::iter::<AttentionProcessorEntry>
             .into_iter()
             .map(|e| e.name)
+            .collect(),
+        Kind::Classifier => inventory::iter::<ClassifierEntry>
+            .into_iter()
+            .map(|e| e.class_name)
             .collect(),
     };
     names.sort_unstable();
@@ -187,6 +209,33 @@ pub fn scheduler_entry(name: &str, config: &serde_json::Value) -> Result<&'stati
         .into_iter()
         .find(|e| e.class_name == target)
         .ok_or_else(|| unknown(Kind::Scheduler, name))
+}
+
+pub fn classifier_entry(name: &str) -> Result<&'static ClassifierEntry> {
+    inventory::iter::<ClassifierEntry>
+        .into_iter()
+        .find(|e| e.class_name == name)
+        .ok_or_else(|| unknown(Kind::Classifier, name))
+}
+
+/// The classifier entry of the transformers model folder `dir`, by its `config.json`'s
+/// `architectures[0]`, with the parsed config (for [`ClassifierEntry::shape`]).
+pub fn classifier_of(dir: &Path) -> Result<(&'static ClassifierEntry, serde_json::Value)> {
+    let file = dir.join("config.json");
+    let config = crate::config::read_json_value(&file)?;
+    let name = crate::config::architecture_of(&config, &file)?;
+    Ok((classifier_entry(&name)?, config))
+}
+
+/// Loads the image classifier in folder `dir`, dispatching on its `config.json`.
+pub fn load_classifier(dir: &Path, options: &LoadOptions) -> Result<Box<dyn ImageClassifier>> {
+    (classifier_of(dir)?.0.load)(dir, options)
+}
+
+/// The [`ModelShape`] of the image classifier in folder `dir`, from its `config.json`.
+pub fn classifier_shape(dir: &Path) -> Result<ModelShape> {
+    let (entry, config) = classifier_of(dir)?;
+    (entry.shape)(&config, &dir.join("config.json"))
 }
 
 pub fn attention_processor_entry(name: &str) -> Result<&'static AttentionProcessorEntry> {

@@ -1,10 +1,12 @@
 //! xfuser-pipelines: pipelines, one file per diffusers pipeline, and the denoising loop they
-//! share.
+//! share; image classification on the dp × tp × pp layout (`classify`).
 
 pub mod binning;
+pub mod classify;
 pub mod denoise;
 pub mod hub;
 pub mod image;
+pub mod image_processing;
 pub mod pipefusion;
 pub mod pipeline_flux;
 pub mod pipeline_pixart_alpha;
