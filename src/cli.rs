@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use crate::bundled::{bundled_defaults, bundled_model_dir, BUNDLED_MODEL_NAME};
 use crate::core::distributed::{check_world_size, process_world, RankMesh};
 use crate::core::engine::{
-    EngineConfig, OutputType, ParallelConfig, PipelineOutput, StepCache, StepCacheKind,
+    EngineConfig, OutputType, ParallelConfig, PipelineOutput, RuntimeConfig, StepCache,
+    StepCacheKind,
 };
 use crate::core::pipeline::DiffusionPipeline;
 use crate::core::registry::{attention_processor_entry, registered, Kind};
@@ -138,6 +139,10 @@ struct ParallelArgs {
     attn_layer_num_for_pp: Option<Vec<usize>>,
     #[arg(long, alias = "tensor_parallel_degree", default_value_t = 1)]
     tensor_parallel_degree: usize,
+    /// Decode the VAE on every rank, each a band of the image's rows (about 1/N of the
+    /// decode's memory per rank); no effect on one rank.
+    #[arg(long, alias = "use_parallel_vae")]
+    use_parallel_vae: bool,
 }
 
 /// Step caches (xDiT's flags), shared by `generate` and `serve`.
@@ -418,7 +423,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
         prepare_output_dir(&args.output_dir)?;
     }
 
-    let (pipeline, model_name) = load(args.model.as_deref(), dtype, &parallel, step_cache)?;
+    let runtime = runtime_config(step_cache, &args.parallel);
+    let (pipeline, model_name) = load(args.model.as_deref(), dtype, &parallel, &runtime)?;
 
     let bar = progress_bar(input.num_inference_steps, args.quiet || !lead);
     let output = pipeline.generate(&input, &mut |i, _| bar.set_position(i as u64))?;
@@ -530,7 +536,7 @@ fn load(
     model: Option<&str>,
     dtype: DType,
     parallel: &ParallelConfig,
-    step_cache: Option<StepCache>,
+    runtime: &RuntimeConfig,
 ) -> Result<(Box<dyn DiffusionPipeline>, String)> {
     let (model, model_name) = match model {
         Some(m) => (m.to_string(), model_display_name(m)),
@@ -542,15 +548,24 @@ fn load(
     let mut engine = EngineConfig::new(model);
     engine.model.dtype = dtype;
     engine.parallel = parallel.clone();
-    engine.runtime.step_cache = step_cache;
+    engine.runtime = runtime.clone();
     Ok((xFuserPipeline::from_pretrained(&engine)?, model_name))
+}
+
+/// How the ranks run: the step cache and whether they decode together.
+fn runtime_config(step_cache: Option<StepCache>, parallel: &ParallelArgs) -> RuntimeConfig {
+    RuntimeConfig {
+        step_cache,
+        use_parallel_vae: parallel.use_parallel_vae,
+        ..RuntimeConfig::default()
+    }
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
     refuse_under_launcher("serve")?;
     let parallel = args.parallel.config();
     parallel.validate()?;
-    let step_cache = args.cache.config()?;
+    let runtime = runtime_config(args.cache.config()?, &args.parallel);
     if args.max_sequence_length == Some(0) {
         bail!("--max-sequence-length must be at least 1");
     }
@@ -570,7 +585,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     crate::serve::run(
         config,
-        || Ok(load(args.model.as_deref(), dtype, &parallel, step_cache)?.0),
+        || Ok(load(args.model.as_deref(), dtype, &parallel, &runtime)?.0),
         |addr| {
             use std::io::Write;
             println!("listening on http://{addr}");

@@ -344,6 +344,54 @@ fn alpha_dir() -> String {
 // Flags
 // ---------------------------------------------------------------------------------------------
 
+/// `--use-parallel-vae` on 4 ranks (CFG 2 × Ulysses 2) writes the serial run's image, within
+/// 1/255 per pixel; a height of too few latent rows for the ranks is refused before any work.
+#[test]
+fn parallel_vae_writes_the_serial_image() {
+    let serial = TempDir::new("pvae-serial");
+    let r = run(xfuser().args(quick_args(&alpha_dir(), serial.path())));
+    r.assert_ok();
+    let parallel = TempDir::new("pvae-parallel");
+    let args = with_flags(
+        quick_args(&alpha_dir(), parallel.path()),
+        &[
+            "--use-cfg-parallel",
+            "--ulysses-degree",
+            "2",
+            "--use-parallel-vae",
+        ],
+    );
+    let p = run(xfuser().args(&args));
+    p.assert_ok();
+    let (a, b) = (r.listed(), p.listed());
+    assert_eq!((a.len(), b.len()), (1, 1), "{a:?} {b:?}");
+    let a = image::open(&a[0]).expect("serial png").to_rgb8();
+    let b = image::open(&b[0]).expect("parallel png").to_rgb8();
+    assert_eq!(a.dimensions(), b.dimensions());
+    let worst = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max();
+    assert!(worst.unwrap_or(0) <= 1, "pixels differ by {worst:?}/255");
+
+    // xDiT's spelling, 16 px: 2 latent rows for 4 ranks.
+    refused(
+        &alpha_dir(),
+        &[
+            "--use-cfg-parallel",
+            "--ulysses-degree",
+            "2",
+            "--use_parallel_vae",
+            "--height",
+            "16",
+            "--no-use-resolution-binning",
+        ],
+        &["--use-parallel-vae on 4 ranks", "2 rows"],
+    );
+}
+
 /// xDiT's underscore spellings of every multi-word flag give the same result as the dashes.
 #[test]
 fn underscore_flag_spellings_match_the_golden() {

@@ -10,12 +10,14 @@
 //! - `parallel`: the loop on `--world` rank threads with CFG, Ulysses, Ring or PipeFusion
 //!   parallelism; built with `--features mpi` and started by `mpirun -n <world>`, on one
 //!   process per rank instead (only rank 0 prints).
+//! - `vae`: the full-size PixArt VAE decode, serial vs patch-parallel (module `vae`).
 //!
 //! Every timed subcommand prints `rust_seconds=<median>` and `gflops=<achieved>` as its last
 //! lines.
 
 mod flux;
 mod sd3;
+mod vae;
 
 use std::time::Instant;
 
@@ -70,6 +72,8 @@ enum Command {
     GemmFloor(ModelArgs),
     /// The loop on `--world` rank threads with a parallel method.
     Parallel(ParallelArgs),
+    /// The full-size PixArt VAE decode, serial vs patch-parallel: time and peak memory.
+    Vae(vae::VaeArgs),
 }
 
 /// The model and input shapes, identical to scripts/bench_pytorch.py's.
@@ -876,6 +880,11 @@ fn parallel(args: &ParallelArgs) -> Result<()> {
     pipeline(&args.pipeline, Some(args))
 }
 
+/// Counts each rank thread's allocations for the `vae` subcommand's memory passes; threads
+/// without a tag (everything else) pay one thread-local read per allocation.
+#[global_allocator]
+static ALLOCATOR: xfuser_core::alloc::TaggedAllocator = xfuser_core::alloc::TaggedAllocator;
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     // Under mpirun, this process becomes one rank; MPI is finalised when this is dropped.
@@ -891,5 +900,6 @@ fn main() -> Result<()> {
         Command::Pipeline(a) => pipeline(a, None),
         Command::GemmFloor(m) => gemm_floor(m),
         Command::Parallel(a) => parallel(a),
+        Command::Vae(a) => vae::vae(a),
     }
 }

@@ -149,6 +149,13 @@ pub struct RuntimeConfig {
     /// Skip transformer work on steps where it barely changes (`--use-fbcache`,
     /// `--use-teacache`); None: off.
     pub step_cache: Option<StepCache>,
+    /// `--use-parallel-vae`: after the denoising loop every rank of the world takes part in
+    /// the VAE decode, each decoding a band of the image's rows (so each holds about 1/N of
+    /// the decode's activations); off: the lead rank of each data-parallel group decodes its
+    /// images alone. No effect on a serial run. It is here rather than in [`ParallelConfig`]
+    /// (as in xDiT's `RuntimeConfig`) because it adds no rank and changes no degree: it is how
+    /// the ranks of the mesh spend the decode.
+    pub use_parallel_vae: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -158,6 +165,7 @@ impl Default for RuntimeConfig {
             inject_failure: None,
             pipefusion_zero_stale_kv: false,
             step_cache: None,
+            use_parallel_vae: false,
         }
     }
 }

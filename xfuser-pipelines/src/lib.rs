@@ -7,6 +7,7 @@ pub mod denoise;
 pub mod hub;
 pub mod image;
 pub mod image_processing;
+pub mod parallel_vae;
 pub mod pipefusion;
 pub mod pipeline_flux;
 pub mod pipeline_pixart_alpha;

@@ -14,9 +14,9 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use xfuser_core::backbone::{names, Backbone, Conditioning};
-use xfuser_core::distributed::CfgUse;
+use xfuser_core::distributed::{CfgUse, ProcessGroup};
 use xfuser_core::engine::{EngineConfig, InputConfig, PipelineOutput, RgbImage};
 use xfuser_core::pipeline::DiffusionPipeline;
 use xfuser_core::random::Generator;
@@ -25,7 +25,6 @@ use xfuser_core::scheduler::TimestepOptions;
 use xfuser_core::{Error, Result};
 
 use crate::denoise::Guidance;
-use crate::image::{postprocess_u8, u8_to_rgb};
 use crate::pipeline_utils::{read_model_index, DynamicShift};
 use crate::runtime::{
     encode_sides, initial_latents, DenoiseJob, DenoisingPipeline, DiTRuntime, RunShape,
@@ -302,8 +301,17 @@ impl DenoisingPipeline for FluxPipeline {
 
     /// `vae.decode(latents / scaling_factor + shift_factor)`, to 8-bit RGB.
     fn decode(&self, _plan: &FluxPlan, latents: &Tensor) -> Result<Vec<RgbImage>> {
-        let images = self.vae.decode_shifted_latents(latents)?;
-        u8_to_rgb(&postprocess_u8(&images.to_dtype(DType::F32)?)?)
+        self.vae.shifted_latents_to_rgb(latents, None)
+    }
+
+    /// As [`Self::decode`], the VAE decode split by rows over `group`.
+    fn decode_parallel(
+        &self,
+        _plan: &FluxPlan,
+        latents: &Tensor,
+        group: &ProcessGroup,
+    ) -> Result<Vec<RgbImage>> {
+        self.vae.shifted_latents_to_rgb(latents, Some(group))
     }
 }
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use xfuser_core::backbone::{names, Backbone, Conditioning};
-use xfuser_core::distributed::CfgUse;
+use xfuser_core::distributed::{CfgUse, ProcessGroup};
 use xfuser_core::engine::{EngineConfig, InputConfig, PipelineOutput, RgbImage};
 use xfuser_core::pipeline::DiffusionPipeline;
 use xfuser_core::random::Generator;
@@ -309,12 +309,29 @@ impl DenoisingPipeline for PixArtPipeline {
 
     /// VAE decode, resize-and-crop back to the requested size after binning, to 8-bit RGB.
     fn decode(&self, plan: &PixArtPlan, latents: &Tensor) -> Result<Vec<RgbImage>> {
-        let mut images = self.vae.decode_latents(latents)?;
-        if (plan.height, plan.width) != (plan.requested_height, plan.requested_width) {
-            images = resize_and_crop_tensor(&images, plan.requested_width, plan.requested_height)?;
-        }
-        u8_to_rgb(&postprocess_u8(&images)?)
+        to_requested_rgb(plan, self.vae.decode_latents(latents)?)
     }
+
+    /// As [`Self::decode`], the VAE decode split by rows over `group`.
+    fn decode_parallel(
+        &self,
+        plan: &PixArtPlan,
+        latents: &Tensor,
+        group: &ProcessGroup,
+    ) -> Result<Vec<RgbImage>> {
+        match self.vae.decode_latents_parallel(latents, group)? {
+            Some(images) => to_requested_rgb(plan, images),
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+/// Decoded images to 8-bit RGB, resized and cropped back to the requested size after binning.
+fn to_requested_rgb(plan: &PixArtPlan, mut images: Tensor) -> Result<Vec<RgbImage>> {
+    if (plan.height, plan.width) != (plan.requested_height, plan.requested_width) {
+        images = resize_and_crop_tensor(&images, plan.requested_width, plan.requested_height)?;
+    }
+    u8_to_rgb(&postprocess_u8(&images)?)
 }
 
 impl DiffusionPipeline for PixArtPipeline {

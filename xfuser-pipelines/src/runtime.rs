@@ -2,7 +2,7 @@
 //! PipeFusion stage), checks a request against the parallel configuration, starts the ranks,
 //! gives each rank its share of the work (data-parallel rows, a CFG half, a sequence slice, a
 //! pipeline stage), runs the denoising loop, and has the lead rank of each data-parallel group
-//! decode. A pipeline states only what differs between models ([`DenoisingPipeline`]): how a
+//! decode (with `--use-parallel-vae`, every rank decodes a band of every image's rows). A pipeline states only what differs between models ([`DenoisingPipeline`]): how a
 //! request becomes a job (text encoding, conditioning, initial latents, a scheduler with its
 //! timesteps) and how latents become images. docs/model-contract.md describes the contract.
 //!
@@ -22,7 +22,8 @@ use xfuser_core::distributed::{
     TpRank,
 };
 use xfuser_core::engine::{
-    EngineConfig, InputConfig, OutputType, ParallelConfig, PipelineOutput, RgbImage, RuntimeConfig,
+    CacheStats, EngineConfig, InputConfig, OutputType, ParallelConfig, PipelineOutput, RgbImage,
+    RuntimeConfig,
 };
 use xfuser_core::random::Generator;
 use xfuser_core::registry::{
@@ -74,6 +75,23 @@ pub trait DenoisingPipeline: Sync {
 
     /// Final latents (B, C, h, w) to images, on the lead rank of a data-parallel group.
     fn decode(&self, plan: &Self::Plan, latents: &Tensor) -> Result<Vec<RgbImage>>;
+
+    /// `--use-parallel-vae`: final latents (B, C, h, w) to images with the VAE decode split
+    /// by rows over the members of `group` ([`crate::parallel_vae`]). Every member calls it
+    /// with the same latents; member 0 returns the images, the others an empty list. The
+    /// default refuses: a pipeline opts in by implementing it.
+    fn decode_parallel(
+        &self,
+        _plan: &Self::Plan,
+        _latents: &Tensor,
+        _group: &ProcessGroup,
+    ) -> Result<Vec<RgbImage>> {
+        Err(Error::Unsupported(
+            "--use-parallel-vae: this pipeline does not support the parallel VAE decode; run \
+             without the flag"
+                .into(),
+        ))
+    }
 }
 
 /// A loaded transformer and the parallel configuration it runs under.
@@ -232,6 +250,7 @@ impl DiTRuntime {
         if self.parallel.is_serial() {
             return Ok(());
         }
+        self.check_parallel_vae(shape)?;
         let info = self.transformer().info();
         let mesh = RankMesh::new(&self.parallel)?;
         mesh.validate_for_model(info.num_attention_heads, info.num_layers, &shape.cfg)?;
@@ -305,6 +324,8 @@ impl DiTRuntime {
                 if guidance.uses_cfg() { "a" } else { "no" }
             )));
         }
+        // One row of the initial latents: the shape, dtype and device of the final ones.
+        let latent_like = latents.narrow(0, 0, 1)?;
         let coords = rank.map(RankContext::coords);
         let (dp_index, slice) = match coords {
             Some(c) => (
@@ -402,6 +423,18 @@ impl DiTRuntime {
         // The output lives on the last pipeline stage (the only one with PipeFusion).
         let leads_group =
             coords.is_none_or(|c| c.cfg == 0 && c.sp == 0 && c.pp + 1 == pp && c.tp == 0);
+        if let Some(rank) = rank.filter(|_| self.decodes_on_every_rank(input)) {
+            let cache_stats = cache.as_ref().map(|c| c.stats());
+            let latents = latents.filter(|_| leads_group);
+            let decode = ParallelDecode {
+                pipeline,
+                plan,
+                shape,
+                rank,
+                like: latent_like,
+            };
+            return decode.run(latents, cache_stats);
+        }
         let (true, Some(latents)) = (leads_group, latents) else {
             return Ok(None);
         };
@@ -547,19 +580,17 @@ impl DiTRuntime {
             }
         };
         let own = self.run_rank(pipeline, shape, plan, input, Some(&rank), &mut report)?;
-        let lead_of = |dp: usize| -> Result<usize> {
-            let pp = self.parallel.pipefusion_parallel_degree;
-            let coords = RankCoords {
-                dp,
-                cfg: 0,
-                pp: pp - 1,
-                sp: 0,
-                ulysses: 0,
-                ring: 0,
-                tp: 0,
+        if self.decodes_on_every_rank(input) {
+            // The decode already gathered the whole request's latents on every rank and
+            // joined the images on rank 0.
+            return match own {
+                Some((_, mut output)) => {
+                    output.comm_stats = Some(stats);
+                    Ok(output)
+                }
+                None => empty_output(stats),
             };
-            mesh.rank_of(&coords)
-        };
+        }
         let world_group = rank.world();
         let dp = self.parallel.data_parallel_degree;
         if rank.rank() != 0 {
@@ -570,18 +601,13 @@ impl DiTRuntime {
                 world_group.send(&images_tensor(&output.images)?, 0)?;
             }
             world_group.barrier()?;
-            return Ok(PipelineOutput {
-                latents: Tensor::zeros(0, candle_core::DType::F32, &candle_core::Device::Cpu)?,
-                images: Vec::new(),
-                comm_stats: Some(stats),
-                cache_stats: None,
-            });
+            return empty_output(stats);
         }
         let mut latents = Vec::with_capacity(dp);
         let mut images = Vec::new();
         let mut cache_stats = None;
         for group in 0..dp {
-            let lead = lead_of(group)?;
+            let lead = dp_lead(mesh, group)?;
             if lead == 0 {
                 let Some((_, output)) = &own else {
                     return Err(Error::invalid(
@@ -607,6 +633,31 @@ impl DiTRuntime {
             cache_stats,
         })
     }
+}
+
+/// The rank that holds data-parallel group `dp`'s final latents: its first rank on every
+/// axis but PipeFusion's, where the last stage holds them.
+fn dp_lead(mesh: &RankMesh, dp: usize) -> Result<usize> {
+    mesh.rank_of(&RankCoords {
+        dp,
+        cfg: 0,
+        pp: mesh.degree(Axis::Pp) - 1,
+        sp: 0,
+        ulysses: 0,
+        ring: 0,
+        tp: 0,
+    })
+}
+
+/// What a process other than world rank 0 returns: no latent rows, no images (rank 0 holds
+/// the request's output).
+fn empty_output(stats: CommStats) -> Result<PipelineOutput> {
+    Ok(PipelineOutput {
+        latents: Tensor::zeros(0, candle_core::DType::F32, &candle_core::Device::Cpu)?,
+        images: Vec::new(),
+        comm_stats: Some(stats),
+        cache_stats: None,
+    })
 }
 
 /// Images as one (n, h, w, 3) u8 tensor, to cross between processes; (0, 0, 0, 3) for none.
@@ -641,6 +692,93 @@ fn tensor_images(t: &Tensor) -> Result<Vec<RgbImage>> {
             data: c.to_vec(),
         })
         .collect())
+}
+
+impl DiTRuntime {
+    /// Whether the ranks of a parallel run decode together (`--use-parallel-vae`, images
+    /// wanted).
+    fn decodes_on_every_rank(&self, input: &InputConfig) -> bool {
+        self.runtime.use_parallel_vae && input.output_type == OutputType::Pil
+    }
+
+    /// `--use-parallel-vae` splits the latent image's rows over every rank: refuses a world
+    /// larger than the rows, before any work.
+    fn check_parallel_vae(&self, shape: &RunShape) -> Result<()> {
+        let world = self.parallel.world_size();
+        let rows = shape.height / self.vae_scale_factor;
+        if self.runtime.use_parallel_vae && world > rows {
+            return Err(Error::invalid(format!(
+                "--use-parallel-vae on {world} ranks: the latent image has {rows} rows \
+                 (height {} / VAE scale factor {}) and each rank decodes at least one; use a \
+                 larger --height or fewer ranks",
+                shape.height, self.vae_scale_factor
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `--use-parallel-vae` on one rank: the final latents of every data-parallel group are
+/// gathered to every rank, then the whole batch is decoded with the rows split over the world;
+/// world rank 0 returns the output of the whole request (as data-parallel group 0, so
+/// [`DiTRuntime::generate_parallel`] joins it unchanged).
+struct ParallelDecode<'a, P: DenoisingPipeline> {
+    pipeline: &'a P,
+    plan: &'a P::Plan,
+    shape: &'a RunShape,
+    rank: &'a RankContext,
+    /// One row of latents of the final latents' shape, dtype and device.
+    like: Tensor,
+}
+
+impl<P: DenoisingPipeline> ParallelDecode<'_, P> {
+    /// `latents`: this rank's data-parallel group's final latents where this rank leads the
+    /// group, else None.
+    fn run(
+        &self,
+        latents: Option<Tensor>,
+        cache_stats: Option<CacheStats>,
+    ) -> Result<Option<(usize, PipelineOutput)>> {
+        let world = self.rank.world();
+        let latents = self.gather_latents(latents)?;
+        let images = self.pipeline.decode_parallel(self.plan, &latents, world)?;
+        if world.index() != 0 {
+            return Ok(None);
+        }
+        Ok(Some((
+            0,
+            PipelineOutput {
+                latents,
+                images,
+                comm_stats: None,
+                cache_stats,
+            },
+        )))
+    }
+
+    /// The whole request's final latents on every rank: each group's lead contributes its
+    /// rows (padded to the longest data-parallel slice so that the all-gather moves equal
+    /// shapes), every other rank zeros; the leads' rows are kept, in data-parallel order.
+    fn gather_latents(&self, latents: Option<Tensor>) -> Result<Tensor> {
+        let mesh = self.rank.mesh();
+        let dp = mesh.degree(Axis::Dp);
+        let longest = DiTRuntime::dp_slice(self.shape.batch, 0, dp).len;
+        let mine = match latents {
+            Some(l) => {
+                let rows = l.dim(0)?;
+                l.pad_with_zeros(0, 0, longest - rows)?
+            }
+            None => self.like.zeros_like()?.repeat((longest, 1, 1, 1))?,
+        };
+        let parts = self.rank.world().all_gather_tensors(&mine)?;
+        let mut rows = Vec::with_capacity(dp);
+        for d in 0..dp {
+            let lead = dp_lead(mesh, d)?;
+            let len = DiTRuntime::dp_slice(self.shape.batch, d, dp).len;
+            rows.push(parts[lead].narrow(0, 0, len)?);
+        }
+        Ok(Tensor::cat(&rows, 0)?)
+    }
 }
 
 /// The registered transformers that support tensor parallelism, for the refusal message.

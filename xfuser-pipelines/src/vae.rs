@@ -4,11 +4,16 @@
 //! unscaled as diffusers' PixArt pipelines do before `vae.decode`.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use xfuser_core::distributed::ProcessGroup;
 use xfuser_core::weights::WeightFiles;
 use xfuser_core::{Error, Result};
+
+use crate::parallel_vae::ParallelVaeDecoder;
 
 pub const CLASS_NAME: &str = "AutoencoderKL";
 
@@ -206,6 +211,13 @@ pub struct AutoencoderKL {
     model: AutoEncoderKL,
     dtype: DType,
     dir: PathBuf,
+    /// The weights (for the band-split decoder) and, when read from files, those files (for
+    /// errors).
+    vb: VarBuilder<'static>,
+    weights: Option<WeightFiles>,
+    /// The band-split decoder of `--use-parallel-vae`, built from the same weights on first
+    /// use (a second copy of the decoder's weights, so only runs that use it pay for it).
+    parallel: Mutex<Option<Arc<ParallelVaeDecoder>>>,
 }
 
 impl std::fmt::Debug for AutoencoderKL {
@@ -225,20 +237,39 @@ impl AutoencoderKL {
         let config = VaeConfig::load(&dir.join("config.json"))?;
         let weights = WeightFiles::find(dir, "diffusion_pytorch_model")?;
         let vb = weights.var_builder(dtype, device)?;
+        let mut vae = Self::from_var_builder(config, vb, dtype, dir).map_err(|e| match e {
+            Error::Candle(e) => weights.error(e),
+            other => other,
+        })?;
+        vae.weights = Some(weights);
+        Ok(vae)
+    }
+
+    /// A VAE of `config` whose weights come from `vb` (diffusers' names), e.g. random weights
+    /// for a benchmark; `dir` is what errors name. `config` must be valid
+    /// ([`VaeConfig::validate`]).
+    pub fn from_var_builder(
+        config: VaeConfig,
+        vb: VarBuilder<'static>,
+        dtype: DType,
+        dir: &Path,
+    ) -> Result<Self> {
         // The encoder is built too (candle has no decoder-only constructor), so its weights
         // must be present, as they are in every diffusers VAE folder.
         let model = AutoEncoderKL::new(
-            vb,
+            vb.clone(),
             config.in_channels,
             config.out_channels,
             config.candle_config(),
-        )
-        .map_err(|e| weights.error(e))?;
+        )?;
         Ok(Self {
             config,
             model,
             dtype,
             dir: dir.to_path_buf(),
+            vb,
+            weights: None,
+            parallel: Mutex::new(None),
         })
     }
 
@@ -257,14 +288,7 @@ impl AutoencoderKL {
     /// `vae.decode(z)` on latents already unscaled: (B, latent_channels, h, w) ->
     /// (B, out_channels, h * f, w * f), f = [`Self::vae_scale_factor`].
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let (_b, c, _h, _w) = z.dims4()?;
-        if c != self.config.latent_channels {
-            return Err(Error::invalid(format!(
-                "VAE in {}: latents have {c} channels, latent_channels is {}",
-                self.dir.display(),
-                self.config.latent_channels
-            )));
-        }
+        self.check_channels(z)?;
         let z = z.to_dtype(self.dtype)?;
         // One batch entry at a time: candle 0.11.1's CPU matmul folds a batch into the rows of
         // one gemm when the rhs is batch-invariant, without checking that the lhs rows are
@@ -282,9 +306,95 @@ impl AutoencoderKL {
     /// `vae.decode(latents / scaling_factor + shift_factor)` (no shift when the config has
     /// none), an image in [-1, 1] space.
     pub fn decode_shifted_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        self.decode(&self.shifted(latents)?)
+    }
+
+    /// `latents / scaling_factor + shift_factor` in the VAE's dtype.
+    fn shifted(&self, latents: &Tensor) -> Result<Tensor> {
         let z = (latents.to_dtype(self.dtype)? / self.config.scaling_factor)?;
-        let z = (z + self.config.shift_factor.unwrap_or(0.0))?;
-        self.decode(&z)
+        Ok((z + self.config.shift_factor.unwrap_or(0.0))?)
+    }
+
+    /// `latents / scaling_factor` in the VAE's dtype.
+    fn unscaled(&self, latents: &Tensor) -> Result<Tensor> {
+        // Cast, then divide in the VAE's dtype, as Σ does (α divides first, and errors unless
+        // the dtypes already agree, so the two are the same wherever α runs).
+        Ok((latents.to_dtype(self.dtype)? / self.config.scaling_factor)?)
+    }
+
+    fn check_channels(&self, z: &Tensor) -> Result<()> {
+        let (_b, c, _h, _w) = z.dims4()?;
+        if c != self.config.latent_channels {
+            return Err(Error::invalid(format!(
+                "VAE in {}: latents have {c} channels, latent_channels is {}",
+                self.dir.display(),
+                self.config.latent_channels
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`Self::decode`] with the image's rows split over the members of `group`
+    /// ([`crate::parallel_vae`]): every member calls it with the same `z`; member 0 gets the
+    /// images, the others None. Equal to [`Self::decode`] up to f32 rounding.
+    pub fn decode_parallel(&self, z: &Tensor, group: &ProcessGroup) -> Result<Option<Tensor>> {
+        self.check_channels(z)?;
+        let decoder = self.parallel_decoder()?;
+        decoder.decode(&z.to_dtype(self.dtype)?, group)
+    }
+
+    /// [`Self::decode_latents`] through [`Self::decode_parallel`].
+    pub fn decode_latents_parallel(
+        &self,
+        latents: &Tensor,
+        group: &ProcessGroup,
+    ) -> Result<Option<Tensor>> {
+        self.decode_parallel(&self.unscaled(latents)?, group)
+    }
+
+    /// [`Self::decode_shifted_latents`] through [`Self::decode_parallel`].
+    pub fn decode_shifted_latents_parallel(
+        &self,
+        latents: &Tensor,
+        group: &ProcessGroup,
+    ) -> Result<Option<Tensor>> {
+        self.decode_parallel(&self.shifted(latents)?, group)
+    }
+
+    /// SD3's and Flux's decode: `latents / scaling_factor + shift_factor` through the VAE, to
+    /// 8-bit RGB; with `group`, split by rows over it (the images on its member 0 only).
+    pub fn shifted_latents_to_rgb(
+        &self,
+        latents: &Tensor,
+        group: Option<&ProcessGroup>,
+    ) -> Result<Vec<xfuser_core::engine::RgbImage>> {
+        let images = match group {
+            None => self.decode_shifted_latents(latents)?,
+            Some(group) => match self.decode_shifted_latents_parallel(latents, group)? {
+                Some(images) => images,
+                None => return Ok(Vec::new()),
+            },
+        };
+        let pixels = crate::image::postprocess_u8(&images.to_dtype(DType::F32)?)?;
+        crate::image::u8_to_rgb(&pixels)
+    }
+
+    /// The band-split decoder, loaded from the weights on the first call (ranks calling at
+    /// once wait for one load).
+    pub(crate) fn parallel_decoder(&self) -> Result<Arc<ParallelVaeDecoder>> {
+        let mut slot = self.parallel.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(decoder) = slot.as_ref() {
+            return Ok(decoder.clone());
+        }
+        let decoder = ParallelVaeDecoder::load(self.vb.clone(), &self.config).map_err(|e| {
+            match &self.weights {
+                Some(w) => w.error(e),
+                None => e.into(),
+            }
+        })?;
+        let decoder = Arc::new(decoder);
+        *slot = Some(decoder.clone());
+        Ok(decoder)
     }
 
     /// What diffusers' PixArt-α/Σ pipelines do with the final latents:
@@ -292,9 +402,6 @@ impl AutoencoderKL {
     /// (B, latent_channels, h, w) -> (B, 3, h * f, w * f). `shift_factor` is not applied,
     /// exactly as in those pipelines.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
-        // Cast, then divide in the VAE's dtype, as Σ does (α divides first, and errors unless
-        // the dtypes already agree, so the two are the same wherever α runs).
-        let z = (latents.to_dtype(self.dtype)? / self.config.scaling_factor)?;
-        self.decode(&z)
+        self.decode(&self.unscaled(latents)?)
     }
 }

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use xfuser_core::backbone::{names, Backbone, Conditioning};
-use xfuser_core::distributed::CfgUse;
+use xfuser_core::distributed::{CfgUse, ProcessGroup};
 use xfuser_core::engine::{EngineConfig, InputConfig, PipelineOutput, RgbImage};
 use xfuser_core::pipeline::DiffusionPipeline;
 use xfuser_core::random::Generator;
@@ -348,6 +348,19 @@ impl DenoisingPipeline for DiTPipeline {
     fn decode(&self, _plan: &DiTPlan, latents: &Tensor) -> Result<Vec<RgbImage>> {
         let images = self.vae.decode_latents(latents)?;
         u8_to_rgb(&postprocess_u8(&images)?)
+    }
+
+    /// As [`Self::decode`], the VAE decode split by rows over `group` (`--use-parallel-vae`).
+    fn decode_parallel(
+        &self,
+        _plan: &DiTPlan,
+        latents: &Tensor,
+        group: &ProcessGroup,
+    ) -> Result<Vec<RgbImage>> {
+        match self.vae.decode_latents_parallel(latents, group)? {
+            Some(images) => u8_to_rgb(&postprocess_u8(&images)?),
+            None => Ok(Vec::new()),
+        }
     }
 }
 
