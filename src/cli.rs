@@ -434,11 +434,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
     }
 
     let stem = format!(
-        "{model_name}_result_dp{}_cfg{}_ulysses{}_ring{}_pp{}_patch{}",
+        "{model_name}_result_dp{}_cfg{}_ulysses{}_ring{}_tp{}_pp{}_patch{}",
         parallel.data_parallel_degree,
         parallel.cfg_degree(),
         parallel.ulysses_degree,
         parallel.ring_degree,
+        parallel.tensor_parallel_degree,
         parallel.pipefusion_parallel_degree,
         parallel.pipeline_patches(),
     );

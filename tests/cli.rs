@@ -14,7 +14,7 @@ use std::process::Command;
 use candle_core::{DType, Device, Tensor};
 use xfuser::core::testing::{copy_dir, fixtures_dir, load_goldens, max_abs_diff, rel_l2, TempDir};
 
-const STEM: &str = "result_dp1_cfg1_ulysses1_ring1_pp1_patch1";
+const STEM: &str = "result_dp1_cfg1_ulysses1_ring1_tp1_pp1_patch1";
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -930,7 +930,9 @@ fn tensor_parallel_run_matches_serial() {
     );
     let r = run(xfuser().args(&args));
     r.assert_ok();
-    let name = format!("tiny-pixart-alpha_{STEM}_latents.safetensors");
+    // The file name carries the tp degree.
+    let name =
+        "tiny-pixart-alpha_result_dp1_cfg1_ulysses1_ring1_tp2_pp1_patch1_latents.safetensors";
     let tp = read_latents(&tp_out.join(name));
     let err = rel_l2(&tp, &serial).unwrap();
     assert!(err <= 1e-5, "tp 2 vs serial: latents rel L2 {err:.3e}");
@@ -1006,17 +1008,17 @@ fn parallel_runs_match_the_golden() {
         (
             "alpha_square_cfg",
             &["--ulysses-degree", "2"],
-            "dp1_cfg1_ulysses2_ring1_pp1_patch1",
+            "dp1_cfg1_ulysses2_ring1_tp1_pp1_patch1",
         ),
         (
             "alpha_square_cfg",
             &["--ring-degree", "2"],
-            "dp1_cfg1_ulysses1_ring2_pp1_patch1",
+            "dp1_cfg1_ulysses1_ring2_tp1_pp1_patch1",
         ),
         (
             "alpha_square_cfg",
             &["--use-cfg-parallel"],
-            "dp1_cfg2_ulysses1_ring1_pp1_patch1",
+            "dp1_cfg2_ulysses1_ring1_tp1_pp1_patch1",
         ),
         (
             "alpha_square_cfg",
@@ -1027,12 +1029,12 @@ fn parallel_runs_match_the_golden() {
                 "--ring-degree",
                 "2",
             ],
-            "dp1_cfg2_ulysses2_ring2_pp1_patch1",
+            "dp1_cfg2_ulysses2_ring2_tp1_pp1_patch1",
         ),
         (
             "sigma_square_cfg_batch2",
             &["--data-parallel-degree", "2"],
-            "dp2_cfg1_ulysses1_ring1_pp1_patch1",
+            "dp2_cfg1_ulysses1_ring1_tp1_pp1_patch1",
         ),
     ];
     for (name, extra, degrees) in runs {
