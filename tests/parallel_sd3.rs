@@ -171,3 +171,35 @@ fn tensor_parallel_alone_and_with_every_method() {
     check_against_serial("tp 2 + dp 2", tp(degrees(2, false, 1, 1)), two.clone());
     check_against_serial("tp 2 + pp 2, warmup 4", tp(pipefusion(2, 2, 4)), two);
 }
+
+/// The tp all-reduce bytes of an SD3 run equal docs/tensor-parallel.md's cost model: per
+/// block the attention and feed-forward outputs of both streams, (B, p, D) and (B, l, D), the
+/// last block only the image stream's, each ⌊2(T−1)/T · bytes⌋ per rank (a ring all-reduce).
+#[test]
+fn tensor_parallel_bytes_follow_the_cost_model() {
+    use xfuser::core::distributed::CommOp;
+    let request = input(&["a red cat", "a blue bird over the river"], 64, 96, 4.5);
+    let mut engine = EngineConfig::new(model_dir().to_string_lossy());
+    engine.parallel = ParallelConfig {
+        tensor_parallel_degree: 2,
+        ..Default::default()
+    };
+    engine.runtime.comm_timeout = Duration::from_secs(120);
+    let pipeline = xFuserPipeline::from_pretrained(&engine).expect("load");
+    let out = pipeline.generate(&request, &mut |_, _| {}).expect("run");
+    let stats = out.comm_stats.expect("a parallel run reports its traffic");
+    let sent: u64 = stats
+        .snapshot()
+        .into_iter()
+        .filter(|(k, _)| k.group.starts_with("tp[") && k.op == CommOp::AllReduceSum)
+        .map(|(_, c)| c.bytes_sent)
+        .sum();
+    // 2 prompts × 2 CFG sides; 24 image tokens (4 × 6 of patch 2), 77 CLIP + 16 T5 text
+    // tokens; D = 4 heads × 8; 4 blocks; 4 steps; 2 ranks.
+    let (b, p, l, d, blocks, steps, ranks) = (4u64, 24u64, 93u64, 32u64, 4u64, 4u64, 2u64);
+    let (image, text) = (b * p * d * 4, b * l * d * 4);
+    let per_step = 2 * (blocks - 1) * (image + text) + 2 * image;
+    let expected = ranks * steps * per_step;
+    println!("sd3 tp 2: tp all-reduce bytes {sent} (cost model {expected})");
+    assert_eq!(sent, expected);
+}
