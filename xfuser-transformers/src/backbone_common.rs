@@ -488,6 +488,22 @@ pub fn norm_modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core
     kernels::layer_norm_modulate(xs, shift, scale, 1e-6)
 }
 
+/// The whole (serial) model or stage through a model's tensor-parallel constructor: every
+/// split layer read whole from `vb` (`TpRank::serial()`), for the `new` / `new_stage`
+/// constructors, which speak candle's error type.
+pub fn serial_shard<C, M>(
+    cfg: &C,
+    vb: VarBuilder,
+    stage: Option<&PipelineStage>,
+    new_shard: impl FnOnce(&C, VarBuilder, SplitWeights, TpRank, Option<&PipelineStage>) -> Result<M>,
+) -> candle_core::Result<M> {
+    let split = SplitWeights::VarBuilder(vb.clone());
+    new_shard(cfg, vb, split, TpRank::serial(), stage).map_err(|e| match e {
+        Error::Candle(e) => e,
+        e => candle_core::Error::Msg(e.to_string()),
+    })
+}
+
 /// Column-parallel layers that read the same input as one matrix product: their local
 /// weights stacked (as [`kernels::gemm_friendly_weight`]) and their bias slices joined.
 pub fn fuse_columns(ls: &[&ColumnParallelLinear]) -> Result<(Tensor, Option<Tensor>)> {

@@ -801,11 +801,7 @@ impl SD3Transformer2DModel {
         vb: VarBuilder,
         stage: Option<&PipelineStage>,
     ) -> candle_core::Result<Self> {
-        let split = SplitWeights::VarBuilder(vb.clone());
-        Self::new_shard(cfg, vb, split, TpRank::serial(), stage).map_err(|e| match e {
-            Error::Candle(e) => e,
-            e => candle_core::Error::Msg(e.to_string()),
-        })
+        common::serial_shard(cfg, vb, stage, Self::new_shard)
     }
 
     /// Builds tensor-parallel shard `tp` of the whole model or of a PipeFusion stage: in every
