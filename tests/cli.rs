@@ -892,16 +892,14 @@ fn tensor_parallel_degree_must_divide_the_heads() {
     );
 }
 
-/// The models not split yet refuse tensor parallelism, naming themselves.
+/// Flux splits over tensor-parallel ranks too, with the same check: degree 4 does not divide
+/// tiny-flux-dev's 2 heads.
 #[test]
-fn flux_refuses_tensor_parallelism() {
+fn flux_tensor_parallel_degree_must_divide_the_heads() {
     refused(
         &flux_dev_dir().to_string_lossy(),
-        &["--tensor-parallel-degree", "2"],
-        &[
-            "--tensor-parallel-degree 2",
-            "FluxTransformer2DModel does not support tensor parallelism",
-        ],
+        &["--tensor-parallel-degree", "4"],
+        &["--tensor-parallel-degree 4", "2 attention heads"],
     );
 }
 

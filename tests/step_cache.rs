@@ -177,3 +177,35 @@ fn pipefusion_refuses_the_caches() {
         );
     }
 }
+
+/// Tensor parallelism with a cache on: the tp ranks hold replicated activations, measure the
+/// same change and agree on it (their sums are all-reduced too), so TP 2 skips the steps the
+/// serial run skips and gives its latents, on Flux (joint attention, single blocks with the
+/// fused proj_out) and SD3 with its CFG halves on two ranks.
+#[test]
+fn tensor_parallel_ranks_take_the_serial_decisions() {
+    let tp = |cfg: bool| ParallelConfig {
+        tensor_parallel_degree: 2,
+        use_cfg_parallel: cfg,
+        ..Default::default()
+    };
+    for (model, parallel, what) in [(flux(), tp(false), "tp 2"), (sd3(), tp(true), "tp 2 + cfg")] {
+        for kind in KINDS {
+            let (threshold, serial) = partial_threshold(&model, kind);
+            let out = run(&model, parallel.clone(), Some((kind, threshold)));
+            assert_eq!(
+                computed(&out),
+                computed(&serial),
+                "{kind:?} {what}: another skip pattern"
+            );
+            let err = rel_l2(&out.latents, &serial.latents).unwrap();
+            println!(
+                "{} {kind:?}: {what} vs serial, cached (threshold {threshold}, {} of {STEPS} \
+                 steps computed): rel L2 {err:.3e}",
+                model.display(),
+                computed(&out)
+            );
+            assert!(err <= 1e-5, "{kind:?} {what}: {err:.3e}");
+        }
+    }
+}

@@ -3,8 +3,9 @@
 //! parallelism against the serial run of the same seed (rel L2 ≤ 1e-5); the bytes the tp
 //! all-reduces move against the cost model of docs/tensor-parallel.md, exactly; a shard's
 //! split-layer parameters 1/T of the model's (row-parallel biases whole); and the refusals:
-//! a degree that does not divide the heads (before any weights are read), Ulysses that does
-//! not divide a tp rank's heads, the models not split yet, a shard run without its group.
+//! a degree that does not divide the heads (before any weights are read; PixArt's and Flux's),
+//! Ulysses that does not divide a tp rank's heads, a model registered without tensor
+//! parallelism, a shard run without its group.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,6 +16,7 @@ use xfuser::core::distributed::{CommOp, CommStats, TpRank};
 use xfuser::core::engine::{EngineConfig, InputConfig, OutputType, ParallelConfig, PipelineOutput};
 use xfuser::core::registry::LoadOptions;
 use xfuser::core::testing::{copy_dir, fixtures_dir, rel_l2, TempDir};
+use xfuser::pipelines::runtime::DiTRuntime;
 use xfuser::pipelines::xFuserPipeline;
 use xfuser::transformers::pixart_transformer_2d::{Config, PixArtTransformer2DModel};
 
@@ -330,15 +332,86 @@ fn ulysses_must_divide_the_heads_of_a_tp_rank() {
     );
 }
 
+/// Flux's check is the same: degree 4 does not divide tiny-flux-dev's 2 heads, refused from
+/// transformer/config.json before its (broken) weights are read.
 #[test]
-fn models_not_split_yet_are_refused_by_name() {
-    let err = refusal(&fixtures_dir().join("flux/tiny-flux-dev"), tp2());
+fn a_degree_that_does_not_divide_flux_heads_is_refused_before_loading() {
+    let tmp = TempDir::new("flux-heads");
+    let dir = tmp.join("model");
+    copy_dir(&fixtures_dir().join("flux/tiny-flux-dev"), &dir).unwrap();
+    std::fs::write(
+        dir.join("transformer/diffusion_pytorch_model.safetensors"),
+        b"broken",
+    )
+    .unwrap();
+    let parallel = ParallelConfig {
+        tensor_parallel_degree: 4,
+        ..Default::default()
+    };
+    let err = refusal(&dir, parallel);
+    assert!(
+        err.contains("--tensor-parallel-degree 4") && err.contains("2 attention heads"),
+        "{err}"
+    );
+    let err = refusal(&dir, tp2());
+    assert!(err.contains("diffusion_pytorch_model"), "{err}");
+}
+
+/// A registered transformer whose `load` ignores `LoadOptions::tp`, as an out-of-tree model
+/// that has not been split would register: this test binary's own, never loaded.
+const UNSPLIT: &str = "UnsplitTestTransformer2DModel";
+
+fn unsplit_load(_: &Path, _: &LoadOptions) -> xfuser::core::Result<Box<dyn Backbone>> {
+    Err(xfuser::core::Error::invalid(
+        "the test's unsplit transformer is never loaded",
+    ))
+}
+
+fn unsplit_shape(
+    _: &serde_json::Value,
+    _: &Path,
+) -> xfuser::core::Result<xfuser::core::registry::ModelShape> {
+    Ok(xfuser::core::registry::ModelShape {
+        num_attention_heads: 4,
+        num_layers: 2,
+    })
+}
+
+xfuser::core::inventory::submit! {
+    xfuser::core::registry::TransformerEntry {
+        class_name: UNSPLIT,
+        load: unsplit_load,
+        shape: unsplit_shape,
+        tensor_parallel: false,
+    }
+}
+
+/// Every stock model is split now; a model registered without tensor parallelism is refused
+/// by name, listing the models that have it, before anything is loaded.
+#[test]
+fn models_not_split_are_refused_by_name() {
+    let tmp = TempDir::new("unsplit");
+    std::fs::write(
+        tmp.join("config.json"),
+        format!(r#"{{"_class_name": "{UNSPLIT}"}}"#),
+    )
+    .unwrap();
+    let err = match DiTRuntime::load(
+        tmp.path(),
+        "TestPipeline",
+        &[UNSPLIT],
+        8,
+        &engine(tmp.path(), tp2()),
+    ) {
+        Ok(_) => panic!("an unsplit model should refuse tp 2"),
+        Err(e) => e.to_string(),
+    };
     assert!(
         err.contains("--tensor-parallel-degree 2")
-            && err.contains("FluxTransformer2DModel")
-            && err.contains("does not support tensor parallelism")
+            && err.contains(&format!("{UNSPLIT} does not support tensor parallelism"))
             && err.contains("PixArtTransformer2DModel")
-            && err.contains("SD3Transformer2DModel"),
+            && err.contains("SD3Transformer2DModel")
+            && err.contains("FluxTransformer2DModel"),
         "{err}"
     );
 }

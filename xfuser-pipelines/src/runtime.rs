@@ -374,7 +374,7 @@ impl DiTRuntime {
             }
             Some(cache) => {
                 let groups: Vec<&ProcessGroup> = rank
-                    .map(|r| vec![r.sp_group(), r.cfg_group()])
+                    .map(|r| vec![r.sp_group(), r.cfg_group(), r.tp_group()])
                     .unwrap_or_default();
                 Some(step_cacher(cache, &groups)?)
             }

@@ -19,8 +19,12 @@
 //! relative change are all-reduced over the sequence-parallel group (each rank holds a slice of
 //! the tokens; padding tokens are left out) and the CFG-parallel group (each rank holds one half
 //! of the guided batch), so no rank skips a block in which its peers exchange. Serial CFG runs
-//! both halves in one batch, so they share the decision too. With threshold 0 nothing is ever
-//! reused and the result is the uncached one.
+//! both halves in one batch, so they share the decision too. The tensor-parallel group's ranks
+//! hold the same (replicated) activations and so measure the same change; their sums are
+//! all-reduced too, so that a backend whose all-reduce rounds differently per rank cannot make
+//! one tp rank skip the blocks in which the others all-reduce (both sums grow T-fold, so the
+//! ratio stays the same up to rounding). With threshold 0 nothing is ever reused and the
+//! result is the uncached one.
 
 use candle_core::{DType, Device, Tensor};
 use xfuser_core::backbone::{Backbone, BackboneInputs, ForwardContext};
@@ -75,7 +79,7 @@ pub fn step_cacher_with_pattern(
     Ok(cacher(config.kind, agreement))
 }
 
-/// The threshold and the groups whose ranks must take the same decision (sp, cfg).
+/// The threshold and the groups whose ranks must take the same decision (sp, cfg, tp).
 struct Agreement {
     threshold: f64,
     groups: Vec<ProcessGroup>,

@@ -525,6 +525,27 @@ pub fn tp_all_reduce(partial: Tensor, tp: Option<&ProcessGroup>) -> Result<Tenso
     }
 }
 
+/// [`tp_all_reduce`] of the image and text streams' partial products, (B, N, D) and (B, L, D),
+/// in one all-reduce: joined along the sequence, reduced, cut apart again. One collective
+/// instead of two, and the same bytes, so the cost model counts (B, N + L, D) per pair.
+pub fn tp_all_reduce_pair(
+    image: Tensor,
+    text: Tensor,
+    tp: Option<&ProcessGroup>,
+) -> Result<(Tensor, Tensor)> {
+    let Some(group) = tp else {
+        return Ok((image, text));
+    };
+    let n = image.dim(1)?;
+    let l = text.dim(1)?;
+    let sum = group.all_reduce_sum(&Tensor::cat(&[&image, &text], 1)?)?;
+    // Contiguous parts keep the fused residual kernels on their fast path.
+    Ok((
+        sum.narrow(1, 0, n)?.contiguous()?,
+        sum.narrow(1, n, l)?.contiguous()?,
+    ))
+}
+
 /// A tensor-parallel degree must give every rank whole heads (and so divide the hidden and
 /// feed-forward sizes too).
 pub fn check_tp_heads(class_name: &str, heads: usize, tp: TpRank) -> Result<()> {

@@ -48,6 +48,13 @@
 //! tokens over the sp group; a stage loads its blocks, the `x_embedder` on the first stage,
 //! `norm_out` / `proj_out` on the last, and the conditioning modules (`time_text_embed`,
 //! `context_embedder`) everywhere.
+//!
+//! Tensor parallelism ([`FluxTransformer2DModel::new_shard`], docs/tensor-parallel.md): each
+//! rank of a tp group of T holds H/T heads of every attention (the q/k norms and RoPE act per
+//! head, so they run on the local heads unchanged) and 4·D/T features of every MLP; the
+//! attention and MLP outputs are partial sums, all-reduced over [`ForwardContext::tp`] (image
+//! and text streams in one collective): twice per double block, once per single block.
+//! Everything else is replicated.
 
 use std::ops::Range;
 use std::path::Path;
@@ -60,6 +67,7 @@ use xfuser_core::backbone::{
     names, Backbone, BackboneInfo, BackboneInputs, BlockState, Conditioning, ForwardContext,
     PipelineStage,
 };
+use xfuser_core::distributed::{ProcessGroup, TpRank};
 use xfuser_core::kernels;
 use xfuser_core::registry::{LoadOptions, ModelShape, TransformerEntry};
 use xfuser_core::{Error, Result};
@@ -67,8 +75,9 @@ use xfuser_layers::embeddings::{
     apply_rotary_emb_pairs, multi_axis_rotary_tables, CombinedTimestepGuidanceTextProjEmbeddings,
     CombinedTimestepTextProjEmbeddings,
 };
-use xfuser_layers::feed_forward::{FeedForward, FeedForwardActivation};
+use xfuser_layers::feed_forward::{FeedForwardActivation, ParallelFeedForward};
 use xfuser_layers::normalization::{AdaLayerNormContinuous, RmsNorm};
+use xfuser_layers::tensor_parallel::{ColumnParallelLinear, RowParallelLinear, SplitWeights};
 
 pub use crate::backbone_common::ConfigProblem;
 use crate::backbone_common::{self as common, ModelConfig, PatchRows, StageLayers};
@@ -290,29 +299,41 @@ fn unpack(xs: &Tensor, grid: (usize, usize), channels: usize) -> candle_core::Re
 }
 
 /// The q, k, v projections of one token stream, fused into one matrix product, with their
-/// RMS norms of q and k.
+/// RMS norms of q and k. Under tensor parallelism each projection is column-parallel: this
+/// rank's heads only (the per-head norms act on each head alone, so they are whole).
 #[derive(Debug)]
 struct QkvProjection {
-    /// [q; k; v] (3·inner, D) and their biases.
+    /// [q; k; v] (3·inner/T, D) and their biases.
     weight: Tensor,
     bias: Option<Tensor>,
     norm_q: RmsNorm,
     norm_k: RmsNorm,
+    /// Bytes of the split weights kept.
+    split_bytes: usize,
 }
 
 impl QkvProjection {
-    /// `names` are the q, k, v projection modules and the q, k norms under `vb`.
-    fn new(cfg: &Config, names: [&str; 5], vb: &VarBuilder) -> candle_core::Result<Self> {
+    /// `names` are the q, k, v projection modules (shard `tp` of each, from `split`) and the
+    /// q, k norms (whole, from `vb`).
+    fn new(
+        cfg: &Config,
+        names: [&str; 5],
+        vb: &VarBuilder,
+        tp: TpRank,
+        split: &SplitWeights,
+    ) -> Result<Self> {
         let dim = cfg.inner_dim();
-        let proj = |name: &str| candle_nn::linear(dim, dim, vb.pp(name));
-        let (weight, bias) =
-            common::fuse_linears(&[&proj(names[0])?, &proj(names[1])?, &proj(names[2])?])?;
+        let proj = |name: &str| ColumnParallelLinear::load(dim, dim, true, tp, &split.pp(name));
+        let (q, k, v) = (proj(names[0])?, proj(names[1])?, proj(names[2])?);
+        let split_bytes = [&q, &k, &v].iter().map(|l| l.parameter_bytes()).sum();
+        let (weight, bias) = common::fuse_columns(&[&q, &k, &v])?;
         let norm = |name: &str| RmsNorm::new(cfg.attention_head_dim, NORM_EPS, true, vb.pp(name));
         Ok(Self {
             weight,
             bias,
             norm_q: norm(names[3])?,
             norm_k: norm(names[4])?,
+            split_bytes,
         })
     }
 
@@ -358,7 +379,8 @@ impl Rope {
     }
 }
 
-/// Heads and the attention scale of the model.
+/// The heads a rank computes (all H, or H/T of a tensor-parallel shard) and the attention
+/// scale.
 #[derive(Debug, Clone, Copy)]
 struct Heads {
     heads: usize,
@@ -430,32 +452,51 @@ fn linear_forward(xs: &Tensor, l: &Linear) -> Result<Tensor> {
 }
 
 /// diffusers' `FluxTransformerBlock`: adaLN-zero of each stream, joint attention, a
-/// feed-forward per stream.
+/// feed-forward per stream. Under tensor parallelism (as SD3's joint blocks) the q/k/v
+/// projections of both streams are column-parallel (this rank's heads), `to_out.0` and
+/// `to_add_out` row-parallel, and both feed-forwards column then row: the block all-reduces
+/// twice, the attention outputs of both streams together, then their feed-forwards'.
 #[derive(Debug)]
 struct DoubleBlock {
     norm1: Linear,
     norm1_context: Linear,
     image: QkvProjection,
     text: QkvProjection,
-    to_out: Linear,
-    to_add_out: Linear,
-    ff: FeedForward,
-    ff_context: FeedForward,
+    to_out: RowParallelLinear,
+    to_add_out: RowParallelLinear,
+    ff: ParallelFeedForward,
+    ff_context: ParallelFeedForward,
     heads: Heads,
     dim: usize,
 }
 
 impl DoubleBlock {
-    fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
+    /// Shard `tp` of the block: attention and feed-forward layers from `split`, the rest
+    /// whole from `vb`.
+    fn new(cfg: &Config, vb: VarBuilder, tp: TpRank, split: &SplitWeights) -> Result<Self> {
         let dim = cfg.inner_dim();
         let attn = vb.pp("attn");
+        let split_attn = split.pp("attn");
         let ff = |name: &str| {
-            FeedForward::new(dim, 4 * dim, FeedForwardActivation::GeluTanh, vb.pp(name))
+            ParallelFeedForward::load(
+                dim,
+                4 * dim,
+                FeedForwardActivation::GeluTanh,
+                tp,
+                &split.pp(name),
+            )
         };
+        let out = |name: &str| RowParallelLinear::load(dim, dim, true, tp, &split_attn.pp(name));
         Ok(Self {
             norm1: gemm_linear(dim, 6 * dim, vb.pp("norm1").pp("linear"))?,
             norm1_context: gemm_linear(dim, 6 * dim, vb.pp("norm1_context").pp("linear"))?,
-            image: QkvProjection::new(cfg, ["to_q", "to_k", "to_v", "norm_q", "norm_k"], &attn)?,
+            image: QkvProjection::new(
+                cfg,
+                ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
+                &attn,
+                tp,
+                &split_attn,
+            )?,
             text: QkvProjection::new(
                 cfg,
                 [
@@ -466,20 +507,34 @@ impl DoubleBlock {
                     "norm_added_k",
                 ],
                 &attn,
+                tp,
+                &split_attn,
             )?,
-            to_out: gemm_linear(dim, dim, attn.pp("to_out.0"))?,
-            to_add_out: gemm_linear(dim, dim, attn.pp("to_add_out"))?,
+            to_out: out("to_out.0")?,
+            to_add_out: out("to_add_out")?,
             ff: ff("ff")?,
             ff_context: ff("ff_context")?,
             heads: Heads {
-                heads: cfg.num_attention_heads,
+                heads: cfg.num_attention_heads / tp.size,
                 head_dim: cfg.attention_head_dim,
             },
             dim,
         })
     }
 
-    /// (image (B, N, D), text (B, L, D)) -> the same, updated.
+    /// Bytes of the split layers' weights this rank keeps.
+    fn split_parameter_bytes(&self) -> usize {
+        self.image.split_bytes
+            + self.text.split_bytes
+            + self.to_out.parameter_bytes()
+            + self.to_add_out.parameter_bytes()
+            + self.ff.parameter_bytes()
+            + self.ff_context.parameter_bytes()
+    }
+
+    /// (image (B, N, D), text (B, L, D)) -> the same, updated; `tp` is the group the split
+    /// layers' partial outputs are all-reduced over (None: whole layers).
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         hidden: &Tensor,
@@ -488,6 +543,7 @@ impl DoubleBlock {
         rope: &Rope,
         layer: usize,
         processor: &dyn AttentionProcessor,
+        tp: Option<&ProcessGroup>,
     ) -> Result<(Tensor, Tensor)> {
         let dim = self.dim;
         // shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
@@ -499,38 +555,54 @@ impl DoubleBlock {
         let image = self.image.forward(&normed, heads, Some(rope))?;
         let text = self.text.forward(&normed_context, heads, None)?;
         let (attn, context_attn) = self.heads.joint_attention(image, text, layer, processor)?;
+        let (attn, context_attn) = common::tp_all_reduce_pair(
+            self.to_out.forward_partial(&attn)?,
+            self.to_add_out.forward_partial(&context_attn)?,
+            tp,
+        )?;
 
-        let attn = kernels::matmul_t(&attn, self.to_out.weight())?;
         let hidden = kernels::gated_residual(hidden, Some(&m[2]), &attn, self.to_out.bias())?;
-        let normed = common::norm_modulate(&hidden, &m[3], &m[4])?;
-        let (ff, ff_bias) = self.ff.forward_without_out_bias(&normed)?;
-        let hidden = kernels::gated_residual(&hidden, Some(&m[5]), &ff, ff_bias)?;
-
-        let context_attn = kernels::matmul_t(&context_attn, self.to_add_out.weight())?;
         let encoder =
             kernels::gated_residual(encoder, Some(&c[2]), &context_attn, self.to_add_out.bias())?;
-        let normed = common::norm_modulate(&encoder, &c[3], &c[4])?;
-        let (ff, ff_bias) = self.ff_context.forward_without_out_bias(&normed)?;
-        let encoder = kernels::gated_residual(&encoder, Some(&c[5]), &ff, ff_bias)?;
+        let normed = common::norm_modulate(&hidden, &m[3], &m[4])?;
+        let normed_context = common::norm_modulate(&encoder, &c[3], &c[4])?;
+        let (ff, ff_context) = common::tp_all_reduce_pair(
+            self.ff.forward_partial(&normed)?,
+            self.ff_context.forward_partial(&normed_context)?,
+            tp,
+        )?;
+        let hidden = kernels::gated_residual(&hidden, Some(&m[5]), &ff, self.ff.out_bias())?;
+        let encoder = kernels::gated_residual(
+            &encoder,
+            Some(&c[5]),
+            &ff_context,
+            self.ff_context.out_bias(),
+        )?;
         Ok((hidden, encoder))
     }
 }
 
 /// diffusers' `FluxSingleTransformerBlock`, run on the image and the text kept apart: one
 /// adaLN-zero (three chunks), attention (no output projection) in parallel with a GELU MLP,
-/// `proj_out` of both joined, a gated residual.
+/// `proj_out` of both joined, a gated residual. Under tensor parallelism q/k/v and `proj_mlp`
+/// are column-parallel and `proj_out` row-parallel over its two input segments, [attention
+/// D, mlp 4·D]: a rank's input is [its heads' attention, its slice of the MLP], so it keeps
+/// those columns of each segment (not an even cut of the D + 4·D columns). One all-reduce per
+/// block, both streams together.
 #[derive(Debug)]
 struct SingleBlock {
     norm: Linear,
     qkv: QkvProjection,
-    proj_mlp: Linear,
-    proj_out: Linear,
+    proj_mlp: ColumnParallelLinear,
+    proj_out: RowParallelLinear,
     heads: Heads,
     dim: usize,
 }
 
 impl SingleBlock {
-    fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
+    /// Shard `tp` of the block: q/k/v, `proj_mlp` and `proj_out` from `split`, the rest whole
+    /// from `vb`.
+    fn new(cfg: &Config, vb: VarBuilder, tp: TpRank, split: &SplitWeights) -> Result<Self> {
         let dim = cfg.inner_dim();
         let mlp = 4 * dim;
         Ok(Self {
@@ -539,18 +611,32 @@ impl SingleBlock {
                 cfg,
                 ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
                 &vb.pp("attn"),
+                tp,
+                &split.pp("attn"),
             )?,
-            proj_mlp: gemm_linear(dim, mlp, vb.pp("proj_mlp"))?,
-            proj_out: gemm_linear(dim + mlp, dim, vb.pp("proj_out"))?,
+            proj_mlp: ColumnParallelLinear::load(dim, mlp, true, tp, &split.pp("proj_mlp"))?,
+            proj_out: RowParallelLinear::load_fused(
+                &[dim, mlp],
+                dim,
+                true,
+                tp,
+                &split.pp("proj_out"),
+            )?,
             heads: Heads {
-                heads: cfg.num_attention_heads,
+                heads: cfg.num_attention_heads / tp.size,
                 head_dim: cfg.attention_head_dim,
             },
             dim,
         })
     }
 
-    /// (image (B, N, D), text (B, L, D)) -> the same, updated.
+    /// Bytes of the split layers' weights this rank keeps.
+    fn split_parameter_bytes(&self) -> usize {
+        self.qkv.split_bytes + self.proj_mlp.parameter_bytes() + self.proj_out.parameter_bytes()
+    }
+
+    /// (image (B, N, D), text (B, L, D)) -> the same, updated; `tp` as for [`DoubleBlock`].
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         hidden: &Tensor,
@@ -559,6 +645,7 @@ impl SingleBlock {
         rope: &Rope,
         layer: usize,
         processor: &dyn AttentionProcessor,
+        tp: Option<&ProcessGroup>,
     ) -> Result<(Tensor, Tensor)> {
         // shift, scale, gate
         let m = common::modulation_chunks(&self.norm.forward(temb_silu)?, 3, self.dim)?;
@@ -566,37 +653,35 @@ impl SingleBlock {
         let prepare = |xs: &Tensor, rope: Option<&Rope>| -> Result<_> {
             let normed = common::norm_modulate(xs, &m[0], &m[1])?;
             let qkv = self.qkv.forward(&normed, heads, rope)?;
-            let mlp = kernels::bias_gelu_tanh(
-                &kernels::matmul_t(&normed, self.proj_mlp.weight())?,
-                self.proj_mlp.bias(),
-            )?;
-            Ok((qkv, mlp))
+            let (mlp, bias) = self.proj_mlp.forward_local_without_bias(&normed)?;
+            Ok((qkv, kernels::bias_gelu_tanh(&mlp, bias)?))
         };
         let (image, image_mlp) = prepare(hidden, Some(rope))?;
         let (text, text_mlp) = prepare(encoder, None)?;
         let (attn, context_attn) = self.heads.joint_attention(image, text, layer, processor)?;
-        let finish = |xs: &Tensor, attn: &Tensor, mlp: &Tensor| -> Result<Tensor> {
-            let joined = Tensor::cat(&[attn, mlp], 2)?;
-            let out = kernels::matmul_t(&joined, self.proj_out.weight())?;
-            Ok(kernels::gated_residual(
-                xs,
-                Some(&m[2]),
-                &out,
-                self.proj_out.bias(),
-            )?)
+        // [attention, mlp] as proj_out's (local) input.
+        let project = |attn: &Tensor, mlp: &Tensor| -> Result<Tensor> {
+            self.proj_out
+                .forward_partial(&Tensor::cat(&[attn, mlp], 2)?)
         };
+        let (out, context_out) = common::tp_all_reduce_pair(
+            project(&attn, &image_mlp)?,
+            project(&context_attn, &text_mlp)?,
+            tp,
+        )?;
+        let bias = self.proj_out.bias();
         Ok((
-            finish(hidden, &attn, &image_mlp)?,
-            finish(encoder, &context_attn, &text_mlp)?,
+            kernels::gated_residual(hidden, Some(&m[2]), &out, bias)?,
+            kernels::gated_residual(encoder, Some(&m[2]), &context_out, bias)?,
         ))
     }
 }
 
-/// One of the runtime's blocks.
+/// One of the runtime's blocks (boxed: the split layers make both large, and unequal).
 #[derive(Debug)]
 enum FluxBlock {
-    Double(DoubleBlock),
-    Single(SingleBlock),
+    Double(Box<DoubleBlock>),
+    Single(Box<SingleBlock>),
 }
 
 /// `time_text_embed`, with or without the guidance embedder.
@@ -643,6 +728,8 @@ pub struct FluxTransformer2DModel {
     final_layer: Option<(AdaLayerNormContinuous, Linear)>,
     parameter_bytes: Option<u64>,
     dtype: DType,
+    /// The tensor-parallel shard this instance holds (the whole model: serial).
+    tp: TpRank,
 }
 
 impl FluxTransformer2DModel {
@@ -658,11 +745,30 @@ impl FluxTransformer2DModel {
         vb: VarBuilder,
         stage: Option<&PipelineStage>,
     ) -> candle_core::Result<Self> {
+        common::serial_shard(cfg, vb, stage, Self::new_shard)
+    }
+
+    /// Builds tensor-parallel shard `tp` of the whole model or of a PipeFusion stage. Read
+    /// from `split`, this rank's H/T heads and 4·D/T MLP features: in the double blocks the
+    /// q/k/v projections of both streams (column-parallel), `to_out.0` and `to_add_out`
+    /// (row-parallel) and both feed-forwards (`net.0.proj` column, `net.2` row); in the single
+    /// blocks q/k/v and `proj_mlp` (column-parallel) and `proj_out` (row-parallel over the
+    /// [attention, mlp] segments of its input). Everything else (the q/k norms, the adaLN
+    /// modulations, embeddings, final layer) whole from `vb`. The forward then needs the tp
+    /// group in its [`ForwardContext::tp`].
+    pub fn new_shard(
+        cfg: &Config,
+        vb: VarBuilder,
+        split: SplitWeights,
+        tp: TpRank,
+        stage: Option<&PipelineStage>,
+    ) -> Result<Self> {
         let StageLayers {
             layers,
             first,
             last,
         } = common::stage_layers(cfg, stage)?;
+        common::check_tp_heads(CLASS_NAME, cfg.num_attention_heads, tp)?;
         let dim = cfg.inner_dim();
         let x_embedder = first
             .then(|| -> candle_core::Result<_> {
@@ -677,15 +783,24 @@ impl FluxTransformer2DModel {
             .clone()
             .map(|i| {
                 Ok(if i < cfg.num_layers {
-                    FluxBlock::Double(DoubleBlock::new(cfg, vb.pp("transformer_blocks").pp(i))?)
-                } else {
-                    FluxBlock::Single(SingleBlock::new(
+                    let name = "transformer_blocks";
+                    FluxBlock::Double(Box::new(DoubleBlock::new(
                         cfg,
-                        vb.pp("single_transformer_blocks").pp(i - cfg.num_layers),
-                    )?)
+                        vb.pp(name).pp(i),
+                        tp,
+                        &split.pp(name).pp(i),
+                    )?))
+                } else {
+                    let (name, j) = ("single_transformer_blocks", i - cfg.num_layers);
+                    FluxBlock::Single(Box::new(SingleBlock::new(
+                        cfg,
+                        vb.pp(name).pp(j),
+                        tp,
+                        &split.pp(name).pp(j),
+                    )?))
                 })
             })
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>>>()?;
         let final_layer = last
             .then(|| -> candle_core::Result<_> {
                 Ok((
@@ -745,15 +860,38 @@ impl FluxTransformer2DModel {
             final_layer,
             parameter_bytes: None,
             dtype: vb.dtype(),
+            tp,
         })
     }
 
     /// Reads `dir/config.json` and the weights in `dir` (only a stage's, with
-    /// `options.stage`); errors name the file, and the field or tensor at fault.
+    /// `options.stage`; only shard `options.tp` of the split layers, each rank copying only
+    /// its bytes out of the files); errors name the file, and the field or tensor at fault.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        let (mut model, bytes) = common::load_stage(dir, options, Self::new_stage)?;
-        model.parameter_bytes = Some(bytes);
+        let (mut model, replicated) =
+            common::load_stage_split(dir, options, |cfg, vb, split, stage| {
+                Self::new_shard(cfg, vb, split, options.tp, stage)
+            })?;
+        model.parameter_bytes = Some(replicated + model.split_parameter_bytes());
         Ok(model)
+    }
+
+    /// Bytes of the split layers' weights (attention, feed-forward and MLP of the blocks
+    /// held) that this instance keeps: 1/T of the whole model's, except the row-parallel
+    /// biases, which every rank holds whole.
+    pub fn split_parameter_bytes(&self) -> u64 {
+        self.blocks
+            .iter()
+            .map(|b| match b {
+                FluxBlock::Double(b) => b.split_parameter_bytes() as u64,
+                FluxBlock::Single(b) => b.split_parameter_bytes() as u64,
+            })
+            .sum()
+    }
+
+    /// The tensor-parallel shard this instance holds.
+    pub fn tp_rank(&self) -> TpRank {
+        self.tp
     }
 
     pub fn config(&self) -> &Config {
@@ -950,17 +1088,31 @@ impl Backbone for FluxTransformer2DModel {
             return Ok(state);
         }
         let processor = common::block_processor(ctx)?;
+        self.tp.check_group(ctx.tp.as_ref(), CLASS_NAME)?;
+        let tp = ctx.tp.as_ref().filter(|_| !self.tp.is_serial());
         let temb_silu = state.conditioning(TEMB)?.silu()?;
         let rope = Rope::of(&state)?;
         for (layer, block) in layers.zip(blocks) {
             let encoder = state.text(CLASS_NAME)?;
             let (hidden, encoder) = match block {
-                FluxBlock::Double(b) => {
-                    b.forward(&state.hidden, encoder, &temb_silu, &rope, layer, processor)?
-                }
-                FluxBlock::Single(b) => {
-                    b.forward(&state.hidden, encoder, &temb_silu, &rope, layer, processor)?
-                }
+                FluxBlock::Double(b) => b.forward(
+                    &state.hidden,
+                    encoder,
+                    &temb_silu,
+                    &rope,
+                    layer,
+                    processor,
+                    tp,
+                )?,
+                FluxBlock::Single(b) => b.forward(
+                    &state.hidden,
+                    encoder,
+                    &temb_silu,
+                    &rope,
+                    layer,
+                    processor,
+                    tp,
+                )?,
             };
             state.hidden = hidden;
             state.encoder = Some(encoder);
@@ -1005,8 +1157,7 @@ xfuser_core::inventory::submit! {
         class_name: CLASS_NAME,
         load: load_backbone,
         shape: common::config_shape::<Config>,
-        // Not split yet (docs/tensor-parallel.md has the plan).
-        tensor_parallel: false,
+        tensor_parallel: true,
     }
 }
 

@@ -385,3 +385,116 @@ fn a_patch_takes_its_rows_of_the_rotary_tables() {
         }
     }
 }
+
+/// Tensor parallelism at degree 2: each rank loads its shard (half the heads of every
+/// attention, both streams' projections in the double blocks, half the MLP features, and the
+/// single blocks' `proj_out` cut per [attention, mlp] segment), and the all-reduced forward
+/// equals diffusers' on both ranks.
+#[test]
+fn tp2_shards_forward_like_the_whole_model() {
+    use xfuser_core::distributed::{launch_local, LaunchOptions, RankMesh, TpRank};
+    use xfuser_core::engine::ParallelConfig;
+    for model_name in MODELS {
+        let shards: Vec<_> = (0..2)
+            .map(|i| {
+                let options = LoadOptions {
+                    tp: TpRank::new(i, 2).unwrap(),
+                    ..Default::default()
+                };
+                load_with(model_name, &options)
+            })
+            .collect();
+        let io = case(model_name, None);
+        let mesh = RankMesh::new(&ParallelConfig {
+            tensor_parallel_degree: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        let outs = launch_local(&mesh, &LaunchOptions::default(), |rank| {
+            let ctx = ForwardContext::default().with_tp(Some(rank.tp_group().clone()));
+            shards[rank.coords().tp].forward(&io.inputs(), &ctx)
+        })
+        .unwrap();
+        for (r, out) in outs.iter().enumerate() {
+            let err = rel_l2(out, &io["sample"]).unwrap();
+            println!("{model_name} tp 2 rank {r}: rel L2 {err:.3e} vs diffusers");
+            assert!(err <= 1e-5, "{model_name} tp rank {r}: rel L2 {err:.3e}");
+        }
+    }
+}
+
+/// The bytes of the split layers in a shard of `t`, from the config (f32): column-parallel
+/// weights and biases 1/T; row-parallel weights 1/T, their biases whole. A double block: six
+/// q/k/v projections, `to_out.0` and `to_add_out`, two feed-forwards; a single block: q/k/v,
+/// `proj_mlp`, `proj_out` over D + 4·D inputs.
+fn flux_split_bytes(cfg: &xfuser_transformers::transformer_flux::Config, t: usize) -> u64 {
+    let d = cfg.inner_dim();
+    let column = |inp: usize, out: usize| (out * inp + out) / t;
+    let row = |inp: usize, out: usize| out * inp / t + out;
+    let ff = column(d, 4 * d) + row(4 * d, d);
+    let double = 6 * column(d, d) + 2 * row(d, d) + 2 * ff;
+    let single = 3 * column(d, d) + column(d, 4 * d) + row(5 * d, d);
+    ((cfg.num_layers * double + cfg.num_single_layers * single) * 4) as u64
+}
+
+/// A shard keeps 1/T of the split layers (row-parallel biases whole) and every replicated
+/// module whole; a shard run without its tp group refuses rather than return partial sums.
+#[test]
+fn a_tp_shard_holds_its_share_and_needs_its_group() {
+    use xfuser_core::distributed::TpRank;
+    use xfuser_transformers::transformer_flux::{Config, FluxTransformer2DModel};
+    let dir = flux_transformer_dir().join("dev");
+    let cfg: Config =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let serial = FluxTransformer2DModel::load(&dir, &LoadOptions::default()).unwrap();
+    let serial_split = serial.split_parameter_bytes();
+    assert_eq!(serial_split, flux_split_bytes(&cfg, 1));
+    let serial_total = serial.parameter_bytes().unwrap();
+    for t in [2, 4] {
+        for index in 0..t {
+            let options = LoadOptions {
+                tp: TpRank::new(index, t).unwrap(),
+                ..Default::default()
+            };
+            let shard = FluxTransformer2DModel::load(&dir, &options).unwrap();
+            let split = shard.split_parameter_bytes();
+            println!("tp {t} shard {index}: split layers {split} of {serial_split} bytes");
+            assert_eq!(split, flux_split_bytes(&cfg, t));
+            assert_eq!(
+                shard.parameter_bytes().unwrap(),
+                serial_total - serial_split + split
+            );
+            assert_eq!(shard.tp_rank(), options.tp);
+        }
+    }
+    let options = LoadOptions {
+        tp: TpRank::new(1, 2).unwrap(),
+        ..Default::default()
+    };
+    let shard = load_with("dev", &options);
+    let io = case("dev", None);
+    let err = shard
+        .forward(&io.inputs(), &ForwardContext::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tensor-parallel shard 1 of 2"), "{err}");
+}
+
+/// A shard of a degree that does not give every rank whole heads is refused, naming the flag
+/// and the heads.
+#[test]
+fn a_tp_degree_that_does_not_divide_the_heads_is_refused() {
+    use xfuser_core::distributed::TpRank;
+    let options = LoadOptions {
+        tp: TpRank::new(0, 3).unwrap(),
+        ..Default::default()
+    };
+    let err = match registry::load_transformer(&flux_transformer_dir().join("dev"), &options) {
+        Ok(_) => panic!("tp 3 of 4 heads should be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("--tensor-parallel-degree 3") && err.contains("4 attention heads"),
+        "{err}"
+    );
+}

@@ -21,7 +21,11 @@
 //! embed a sequence-parallel rank's token rows and gather them in the head, and the blocks'
 //! self-attention goes through the context's processor (Ulysses, Ring, USP, PipeFusion). A
 //! PipeFusion stage holds its blocks, the patch embedding on the first stage, and block 0's
-//! embedding with `proj_out_*` on the last.
+//! embedding with `proj_out_*` on the last. Tensor parallelism
+//! ([`DiTTransformer2DModel::new_shard`]) splits each block as PixArt's without the
+//! cross-attention: `attn1` by heads and `ff` by hidden features, with xfuser-layers' column-
+//! and row-parallel linears; the block all-reduces their partial outputs over
+//! [`ForwardContext::tp`] through `backbone_common::tp_all_reduce`.
 
 use std::ops::Range;
 use std::path::Path;
@@ -33,12 +37,14 @@ use xfuser_core::backbone::{
     names, Backbone, BackboneInfo, BackboneInputs, BlockState, Conditioning, ForwardContext,
     PipelineStage,
 };
+use xfuser_core::distributed::{ProcessGroup, TpRank};
 use xfuser_core::kernels;
 use xfuser_core::registry::{ClassAlias, Kind, LoadOptions, ModelShape, TransformerEntry};
 use xfuser_core::{Error, Result};
 use xfuser_layers::embeddings::{get_timestep_embedding, PatchEmbed, TimestepEmbedding};
-use xfuser_layers::feed_forward::{FeedForward, FeedForwardActivation};
+use xfuser_layers::feed_forward::{FeedForwardActivation, ParallelFeedForward};
 use xfuser_layers::normalization::LayerNorm;
+use xfuser_layers::tensor_parallel::{ColumnParallelLinear, RowParallelLinear, SplitWeights};
 use xfuser_transformers::backbone_common::{self as common, ConfigProblem, ModelConfig};
 
 pub const CLASS_NAME: &str = "DiTTransformer2DModel";
@@ -210,41 +216,54 @@ impl TimestepLabelEmbedding {
 }
 
 /// Self-attention with diffusers' `Attention` weights (`to_q`, `to_k`, `to_v`, `to_out.0`):
-/// q, k and v as one matrix product, split into heads with their biases in one pass.
+/// q, k and v as one matrix product, split into heads with their biases in one pass. Under
+/// tensor parallelism `to_q/k/v` are column-parallel (this rank's H/T heads) and `to_out.0`
+/// row-parallel, so the output is this rank's partial sum, to be all-reduced.
 #[derive(Debug)]
 struct SelfAttention {
-    /// [to_q; to_k; to_v] (3·inner, D) and their biases.
+    /// [to_q; to_k; to_v] (3·inner/T, D) and their biases.
     w_qkv: Tensor,
     b_qkv: Option<Tensor>,
-    to_out: Linear,
+    to_out: RowParallelLinear,
+    /// The heads this rank computes.
     heads: usize,
     head_dim: usize,
+    /// Bytes of the split weights kept.
+    split_bytes: usize,
 }
 
 impl SelfAttention {
+    /// Shard `tp` of the attention at `split`: `heads` of `head_dim` in all, H/T of them here.
     fn new(
         dim: usize,
-        heads: usize,
-        head_dim: usize,
+        (heads, head_dim): (usize, usize),
         bias: bool,
-        vb: VarBuilder,
-    ) -> candle_core::Result<Self> {
+        tp: TpRank,
+        split: &SplitWeights,
+    ) -> Result<Self> {
         let inner = heads * head_dim;
-        let proj = |name| candle_nn::linear_b(dim, inner, bias, vb.pp(name));
+        let proj = |name: &str| ColumnParallelLinear::load(dim, inner, bias, tp, &split.pp(name));
         let (q, k, v) = (proj("to_q")?, proj("to_k")?, proj("to_v")?);
-        let (w_qkv, b_qkv) = common::fuse_linears(&[&q, &k, &v])?;
-        let to_out = candle_nn::linear(inner, dim, vb.pp("to_out.0"))?;
+        let (w_qkv, b_qkv) = common::fuse_columns(&[&q, &k, &v])?;
+        let to_out = RowParallelLinear::load(inner, dim, true, tp, &split.pp("to_out.0"))?;
+        let split_bytes = [&q, &k, &v]
+            .iter()
+            .map(|l| l.parameter_bytes())
+            .sum::<usize>()
+            + to_out.parameter_bytes();
         Ok(Self {
             w_qkv,
             b_qkv,
-            to_out: kernels::gemm_friendly_linear(&to_out)?,
-            heads,
+            to_out,
+            heads: heads / tp.size,
             head_dim,
+            split_bytes,
         })
     }
 
-    /// (B, N, D) -> (B, N, D) without to_out's bias (the caller adds it in the residual).
-    /// `layer` names the attention site for the processor (PipeFusion keeps its stale K/V).
+    /// (B, N, D) -> this rank's (B, N, D) partial product of to_out, without its bias (the
+    /// caller all-reduces it and adds the bias in the residual). `layer` names the attention
+    /// site for the processor (PipeFusion keeps its stale K/V).
     fn forward(
         &self,
         xs: &Tensor,
@@ -268,7 +287,7 @@ impl SelfAttention {
                 .contiguous()?
                 .reshape((b, n, self.heads * self.head_dim))?
         };
-        Ok(kernels::matmul_t(&merged, self.to_out.weight())?)
+        self.to_out.forward_partial(&merged)
     }
 
     fn out_bias(&self) -> Option<&Tensor> {
@@ -277,6 +296,8 @@ impl SelfAttention {
 }
 
 /// diffusers' `BasicTransformerBlock` with `norm_type="ada_norm_zero"` and no cross-attention.
+/// Under tensor parallelism the attention (by heads) and the feed-forward (`net.0.proj`
+/// column, `net.2` row) are split, the rest replicated: two all-reduces per block.
 #[derive(Debug)]
 struct DiTBlock {
     /// `norm1.emb`: this block's own timestep + label embedding.
@@ -285,26 +306,29 @@ struct DiTBlock {
     modulation: Linear,
     attn1: SelfAttention,
     norm3: LayerNorm,
-    ff: FeedForward,
+    ff: ParallelFeedForward,
     dim: usize,
 }
 
 impl DiTBlock {
+    /// Shard `tp` of the block: `attn1` and `ff` from `split`, the rest whole from `vb`.
     fn new(
         cfg: &Config,
         activation: FeedForwardActivation,
         vb: VarBuilder,
-    ) -> candle_core::Result<Self> {
+        tp: TpRank,
+        split: &SplitWeights,
+    ) -> Result<Self> {
         let dim = cfg.inner_dim();
         Ok(Self {
             emb: TimestepLabelEmbedding::new(cfg.num_classes(), dim, vb.pp("norm1.emb"))?,
             modulation: candle_nn::linear(dim, 6 * dim, vb.pp("norm1.linear"))?,
             attn1: SelfAttention::new(
                 dim,
-                cfg.num_attention_heads,
-                cfg.attention_head_dim,
+                (cfg.num_attention_heads, cfg.attention_head_dim),
                 cfg.attention_bias,
-                vb.pp("attn1"),
+                tp,
+                &split.pp("attn1"),
             )?,
             norm3: LayerNorm::new(
                 dim,
@@ -312,9 +336,14 @@ impl DiTBlock {
                 cfg.norm_elementwise_affine,
                 vb.pp("norm3"),
             )?,
-            ff: FeedForward::new(dim, 4 * dim, activation, vb.pp("ff"))?,
+            ff: ParallelFeedForward::load(dim, 4 * dim, activation, tp, &split.pp("ff"))?,
             dim,
         })
+    }
+
+    /// Bytes of the split layers' weights this rank keeps.
+    fn split_parameter_bytes(&self) -> usize {
+        self.attn1.split_bytes + self.ff.parameter_bytes()
     }
 
     /// The six (B, 1, D) modulations: shift, scale, gate of attention, then of the MLP.
@@ -340,7 +369,8 @@ impl DiTBlock {
         norm1(hidden, &m[0], &m[1])
     }
 
-    /// hidden (B, N, D) -> (B, N, D).
+    /// hidden (B, N, D) -> (B, N, D); `tp` is the group the split layers' partial outputs are
+    /// all-reduced over (None: whole layers).
     fn forward(
         &self,
         hidden: &Tensor,
@@ -348,24 +378,25 @@ impl DiTBlock {
         labels: &Tensor,
         layer: usize,
         processor: &dyn AttentionProcessor,
+        tp: Option<&ProcessGroup>,
     ) -> Result<Tensor> {
         let m = self.modulation(time_proj, labels, hidden.dim(0)?)?;
         let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
 
         let normed = norm1(hidden, shift_msa, scale_msa)?;
-        let attn = self.attn1.forward(&normed, layer, processor)?;
+        let attn = common::tp_all_reduce(self.attn1.forward(&normed, layer, processor)?, tp)?;
         let hidden = kernels::gated_residual(hidden, Some(gate_msa), &attn, self.attn1.out_bias())?;
 
         let normed = self
             .norm3
             .forward_modulated(&hidden, shift_mlp, scale_mlp)?;
-        let (ff, ff_bias) = self.ff.forward_without_out_bias(&normed)?;
+        let ff = common::tp_all_reduce(self.ff.forward_partial(&normed)?, tp)?;
         Ok(kernels::gated_residual(
             &hidden,
             Some(gate_mlp),
             &ff,
-            ff_bias,
+            self.ff.out_bias(),
         )?)
     }
 }
@@ -401,6 +432,8 @@ pub struct DiTTransformer2DModel {
     /// Bytes of the weights loaded, when loaded from files.
     parameter_bytes: Option<u64>,
     dtype: DType,
+    /// The tensor-parallel shard this instance holds (the whole model: serial).
+    tp: TpRank,
 }
 
 /// The DiT backbone under xDiT's name for a model it wraps (`xFuser` + name + `Wrapper`). Here
@@ -421,13 +454,34 @@ impl DiTTransformer2DModel {
         vb: VarBuilder,
         stage: Option<&PipelineStage>,
     ) -> candle_core::Result<Self> {
+        common::serial_shard(cfg, vb, stage, Self::new_shard)
+    }
+
+    /// Builds tensor-parallel shard `tp` of the whole model or of a PipeFusion stage: in every
+    /// block `attn1.to_q/k/v` column-parallel (this rank's H/T heads), `attn1.to_out.0`
+    /// row-parallel and `ff` (`net.0.proj` column, `net.2` row) read from `split`; everything
+    /// else (`norm1.emb`, `norm1.linear`, `norm3`, `pos_embed`, `proj_out_1/2`) whole from
+    /// `vb`. The forward then needs the tp group in its [`ForwardContext::tp`].
+    pub fn new_shard(
+        cfg: &Config,
+        vb: VarBuilder,
+        split: SplitWeights,
+        tp: TpRank,
+        stage: Option<&PipelineStage>,
+    ) -> Result<Self> {
         let common::StageLayers {
             layers,
             first,
             last,
         } = common::stage_layers(cfg, stage)?;
+        common::check_tp_heads(CLASS_NAME, cfg.num_attention_heads, tp)?;
         let activation = FeedForwardActivation::from_diffusers_name(&cfg.activation_fn)
-            .ok_or_else(|| candle_core::Error::Msg("validated activation".into()))?;
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "{CLASS_NAME}: activation_fn `{}` is not supported",
+                    cfg.activation_fn
+                ))
+            })?;
         let dim = cfg.inner_dim();
         let p = cfg.patch_size;
         let out_channels = cfg.out_channels();
@@ -445,10 +499,11 @@ impl DiTTransformer2DModel {
             })
             .transpose()?;
         let blocks_vb = vb.pp("transformer_blocks");
+        let blocks_split = split.pp("transformer_blocks");
         let transformer_blocks = layers
             .clone()
-            .map(|i| DiTBlock::new(cfg, activation, blocks_vb.pp(i)))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .map(|i| DiTBlock::new(cfg, activation, blocks_vb.pp(i), tp, &blocks_split.pp(i)))
+            .collect::<Result<Vec<_>>>()?;
         let final_layer = last
             .then(|| -> candle_core::Result<_> {
                 let emb = (!layers.contains(&0))
@@ -490,15 +545,35 @@ impl DiTTransformer2DModel {
             final_layer,
             parameter_bytes: None,
             dtype: vb.dtype(),
+            tp,
         })
     }
 
     /// Reads `dir/config.json` and the weights in `dir` (only a stage's, with
-    /// `options.stage`); errors name the file, and the field or tensor at fault.
+    /// `options.stage`; only shard `options.tp` of the split layers, each rank copying only
+    /// its bytes out of the files); errors name the file, and the field or tensor at fault.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        let (mut model, bytes) = common::load_stage(dir, options, Self::new_stage)?;
-        model.parameter_bytes = Some(bytes);
+        let (mut model, replicated) =
+            common::load_stage_split(dir, options, |cfg, vb, split, stage| {
+                Self::new_shard(cfg, vb, split, options.tp, stage)
+            })?;
+        model.parameter_bytes = Some(replicated + model.split_parameter_bytes());
         Ok(model)
+    }
+
+    /// Bytes of the split layers' weights (attention and feed-forward of the blocks held)
+    /// that this instance keeps: 1/T of the whole model's, except the row-parallel biases
+    /// (`to_out.0`, `ff.net.2`), which every rank holds whole.
+    pub fn split_parameter_bytes(&self) -> u64 {
+        self.transformer_blocks
+            .iter()
+            .map(|b| b.split_parameter_bytes() as u64)
+            .sum()
+    }
+
+    /// The tensor-parallel shard this instance holds.
+    pub fn tp_rank(&self) -> TpRank {
+        self.tp
     }
 
     pub fn config(&self) -> &Config {
@@ -605,10 +680,13 @@ impl Backbone for DiTTransformer2DModel {
             self.info.num_layers,
         )?;
         let processor = common::block_processor(ctx)?;
+        self.tp.check_group(ctx.tp.as_ref(), CLASS_NAME)?;
+        let tp = ctx.tp.as_ref().filter(|_| !self.tp.is_serial());
         let time_proj = state.conditioning(TIME_PROJ)?.clone();
         let labels = state.conditioning(LABELS)?.clone();
         for (layer, block) in layers.zip(blocks) {
-            state.hidden = block.forward(&state.hidden, &time_proj, &labels, layer, processor)?;
+            state.hidden =
+                block.forward(&state.hidden, &time_proj, &labels, layer, processor, tp)?;
         }
         Ok(state)
     }
@@ -669,7 +747,7 @@ xfuser_core::inventory::submit! {
         class_name: CLASS_NAME,
         load: load_backbone,
         shape: common::config_shape::<Config>,
-        tensor_parallel: false,
+        tensor_parallel: true,
     }
 }
 

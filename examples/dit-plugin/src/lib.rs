@@ -4,8 +4,9 @@
 //! binary (`src/main.rs`), which is the stock command line with these two registered too.
 //!
 //! The crate uses only the public API of the xfuser crates and contains no parallel code: data,
-//! CFG, Ulysses, Ring, USP and PipeFusion parallelism come from the runtime. It is the worked
-//! example of docs/adding-models.md.
+//! CFG, Ulysses, Ring, USP and PipeFusion parallelism come from the runtime, and tensor
+//! parallelism from xfuser-layers' column- and row-parallel linears, which the model loads in
+//! place of its whole ones. It is the worked example of docs/adding-models.md.
 
 pub mod dit_transformer_2d;
 pub mod pipeline_dit;

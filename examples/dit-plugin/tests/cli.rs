@@ -275,6 +275,29 @@ fn medium_parallel_methods_equal_serial() {
     );
 }
 
+/// Tensor parallelism on tiny-dit-m (4 heads: 2 per tp rank, 1 per Ulysses rank inside it),
+/// alone and with CFG parallelism, Ulysses and PipeFusion (every step a warmup step).
+#[test]
+fn medium_tensor_parallel_hybrids_equal_serial() {
+    let steps = case("medium_cfg_batch2").num_inference_steps.to_string();
+    check_parallel_equals_serial(
+        "medium_cfg_batch2",
+        &[
+            &["--tensor-parallel-degree", "2"],
+            &["--tensor-parallel-degree", "2", "--use-cfg-parallel"],
+            &["--tensor-parallel-degree", "2", "--ulysses-degree", "2"],
+            &[
+                "--tensor-parallel-degree",
+                "2",
+                "--pipefusion-parallel-degree",
+                "2",
+                "--warmup-steps",
+                &steps,
+            ],
+        ],
+    );
+}
+
 /// tiny-dit: 2 heads, 2 blocks (one per PipeFusion stage), a 4×4 grid; without guidance.
 #[test]
 fn small_parallel_methods_equal_serial() {
@@ -410,15 +433,12 @@ fn ulysses_must_divide_the_heads() {
     );
 }
 
-/// DiT is not split over tensor-parallel ranks yet: its registration says so, and the runtime
-/// refuses the degree naming the model.
+/// Tensor parallelism gives every rank whole heads: degree 3 on tiny-dit's 2 heads is refused,
+/// naming the flag and the heads.
 #[test]
-fn tensor_parallelism_is_refused_naming_the_model() {
+fn a_tensor_parallel_degree_must_divide_the_heads() {
     refused(
-        &["--prompt", "hen", "--tensor-parallel-degree", "2"],
-        &[
-            "--tensor-parallel-degree 2",
-            "DiTTransformer2DModel does not support tensor parallelism",
-        ],
+        &["--prompt", "hen", "--tensor-parallel-degree", "3"],
+        &["--tensor-parallel-degree 3", "2 attention heads"],
     );
 }

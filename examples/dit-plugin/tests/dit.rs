@@ -52,6 +52,63 @@ fn transformer_forward_matches_diffusers() {
     assert!(err <= 1e-5, "transformer forward rel L2 {err:.3e} > 1e-5");
 }
 
+/// Tensor parallelism at degree 2: each rank loads its shard (one of the two heads of every
+/// attention, half the feed-forward features), and the all-reduced forward equals diffusers'
+/// on both ranks.
+#[test]
+fn tp2_shards_forward_like_diffusers() {
+    use xfuser_core::distributed::{launch_local, LaunchOptions, RankMesh, TpRank};
+    use xfuser_core::engine::ParallelConfig;
+    let g = load_goldens(&fixtures().join("transformer.safetensors")).unwrap();
+    let dir = fixtures().join("tiny-dit/transformer");
+    let serial = DiTTransformer2DModel::load(&dir, &LoadOptions::default()).unwrap();
+    let shards: Vec<_> = (0..2)
+        .map(|i| {
+            let options = LoadOptions {
+                tp: TpRank::new(i, 2).unwrap(),
+                ..Default::default()
+            };
+            DiTTransformer2DModel::load(&dir, &options).unwrap()
+        })
+        .collect();
+    // Split layers: half of each, the row-parallel biases (to_out.0, ff.net.2) whole.
+    let row_biases = 2 * 2 * 16 * 4;
+    for shard in &shards {
+        assert_eq!(
+            shard.split_parameter_bytes(),
+            (serial.split_parameter_bytes() - row_biases) / 2 + row_biases
+        );
+    }
+    let conditioning = Conditioning::new().with(names::CLASS_LABELS, g["class_labels"].clone());
+    let timestep = g["timestep"].to_dtype(DType::F32).unwrap();
+    let inputs = BackboneInputs {
+        hidden_states: &g["hidden_states"],
+        timestep: &timestep,
+        conditioning: &conditioning,
+    };
+    let mesh = RankMesh::new(&ParallelConfig {
+        tensor_parallel_degree: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let outs = launch_local(&mesh, &LaunchOptions::default(), |rank| {
+        let ctx = ForwardContext::default().with_tp(Some(rank.tp_group().clone()));
+        shards[rank.coords().tp].forward(&inputs, &ctx)
+    })
+    .unwrap();
+    for (r, out) in outs.iter().enumerate() {
+        let err = rel_l2(out, &g["sample"]).unwrap();
+        println!("transformer forward, tp 2 rank {r}: rel L2 {err:.3e} vs diffusers");
+        assert!(err <= 1e-5, "tp rank {r}: rel L2 {err:.3e} > 1e-5");
+    }
+    // A shard computes partial sums: without its group it refuses.
+    let err = shards[1]
+        .forward(&inputs, &ForwardContext::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tensor-parallel shard 1 of 2"), "{err}");
+}
+
 #[test]
 fn a_label_outside_the_table_is_refused() {
     let model = DiTTransformer2DModel::load(
@@ -224,4 +281,44 @@ fn the_runtime_step_caches_run_on_dit() {
         let stats = skipping.cache_stats.unwrap();
         assert_eq!((stats.computed, stats.steps), (always, 5), "{kind:?}");
     }
+}
+
+/// The tp all-reduce bytes of a DiT run equal docs/tensor-parallel.md's cost model: per block
+/// two all-reduces of (B, p, D) (attention, feed-forward), each ⌊2(T−1)/T · bytes⌋ per rank.
+#[test]
+fn tensor_parallel_bytes_follow_the_cost_model() {
+    use xfuser_core::distributed::CommOp;
+    use xfuser_core::engine::ParallelConfig;
+    xfuser_dit_plugin::link();
+    let dir = fixtures().join("tiny-dit");
+    let mut engine = EngineConfig::new(dir.to_string_lossy());
+    engine.parallel = ParallelConfig {
+        tensor_parallel_degree: 2,
+        ..Default::default()
+    };
+    let pipeline = load_pipeline(&dir, &engine).unwrap();
+    let steps = 3u64;
+    let input = InputConfig {
+        prompts: vec!["goldfish".into()],
+        num_inference_steps: steps as usize,
+        guidance_scale: 4.0,
+        seed: 3,
+        output_type: OutputType::Latent,
+        ..Default::default()
+    };
+    let out = pipeline.generate(&input, &mut |_, _| {}).unwrap();
+    let stats = out.comm_stats.expect("a parallel run reports its traffic");
+    let sent: u64 = stats
+        .snapshot()
+        .into_iter()
+        .filter(|(k, _)| k.group.starts_with("tp[") && k.op == CommOp::AllReduceSum)
+        .map(|(_, c)| c.bytes_sent)
+        .sum();
+    // One label, its batch doubled by CFG; a 64 px image: an 8 × 8 latent, 16 tokens of patch
+    // 2; D = 2 heads × 8; 2 blocks; 2 ranks.
+    let (b, p, d, blocks, t) = (2u64, 16u64, 16u64, 2u64, 2u64);
+    let per_forward = 2 * blocks * (2 * (t - 1) * (b * p * d * 4) / t);
+    let expected = t * steps * per_forward;
+    println!("dit tp 2: tp all-reduce bytes {sent} (cost model {expected})");
+    assert_eq!(sent, expected);
 }
