@@ -162,16 +162,7 @@ pub fn flux_forward(a: &FluxForwardArgs) -> Result<()> {
         parts: a.parts,
     };
     let times = time_forwards(&model, &latent, &timestep, &runs, &mut conditioning)?;
-    if let Some(hwm) = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .map(str::to_owned)
-        })
-    {
-        eprintln!("peak RSS {}", hwm.trim_start_matches("VmHWM:").trim());
-    }
+    eprintln!("peak RSS {} kB", crate::peak_rss_kib()?);
     report(median(times), flops);
     Ok(())
 }

@@ -7,8 +7,8 @@
 //!   (module `flux`);
 //! - `pipeline`: the denoising loop with classifier-free guidance (transformer + DPM-Solver++);
 //! - `gemm-floor`: candle's sgemm rate on the forward's matrix products and the time they need;
-//! - `parallel`: the loop on `--world` rank threads with CFG, Ulysses, Ring or PipeFusion
-//!   parallelism; built with `--features mpi` and started by `mpirun -n <world>`, on one
+//! - `parallel`: the loop on `--world` rank threads with CFG, Ulysses, Ring, PipeFusion or
+//!   tensor parallelism; built with `--features mpi` and started by `mpirun -n <world>`, on one
 //!   process per rank instead (only rank 0 prints).
 //! - `vae`: the full-size PixArt VAE decode, serial vs patch-parallel (module `vae`).
 //!
@@ -33,10 +33,11 @@ use xfuser_core::backbone::{
 use xfuser_core::distributed::runtime_state::input_metadata;
 use xfuser_core::distributed::{
     launch_local, process_world, CommStats, LaunchOptions, RankContext, RankMesh, RankThreads,
-    ShapeParams,
+    ShapeParams, TpRank,
 };
 use xfuser_core::engine::{ParallelConfig, StepCache, StepCacheKind};
 use xfuser_core::scheduler::Scheduler;
+use xfuser_layers::tensor_parallel::SplitWeights;
 use xfuser_pipelines::denoise::{denoise, denoise_with_cache, Guidance};
 use xfuser_pipelines::pipefusion::{denoise_pipefusion, PipeFusionConfig};
 use xfuser_pipelines::step_cache::step_cacher_with_pattern;
@@ -189,6 +190,8 @@ enum ParallelMode {
     Ulysses,
     Ring,
     Pipefusion,
+    /// Tensor parallelism: each rank a shard of every attention and feed-forward.
+    Tp,
 }
 
 #[derive(Args, Clone)]
@@ -547,6 +550,27 @@ fn pipeline(args: &PipelineArgs, parallel: Option<&ParallelArgs>) -> Result<()> 
             .collect::<Result<Vec<_>>>()?,
         _ => Vec::new(),
     };
+    let shards = match parallel {
+        Some(p) if matches!(p.mode, ParallelMode::Tp) => {
+            let in_process = process_world().map(|w| w.rank());
+            (0..p.world)
+                .map(|index| {
+                    // Under mpirun a process builds only its own shard.
+                    if in_process.is_some_and(|me| me != index) {
+                        return Ok(None);
+                    }
+                    let vb =
+                        VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu);
+                    let split = SplitWeights::VarBuilder(vb.clone());
+                    let tp = TpRank::new(index, p.world)?;
+                    PixArtTransformer2DModel::new_shard(&cfg, vb, split, tp, None)
+                        .map(Some)
+                        .context("building a PixArt tensor-parallel shard")
+                })
+                .collect::<Result<Vec<_>>>()?
+        }
+        _ => Vec::new(),
+    };
     let mut scheduler = DPMSolverMultistepScheduler::from_config(
         &serde_json::json!({}),
         std::path::Path::new("<bench: DPMSolverMultistepScheduler defaults>"),
@@ -624,6 +648,7 @@ fn pipeline(args: &PipelineArgs, parallel: Option<&ParallelArgs>) -> Result<()> 
                 let models = Models {
                     whole: &model,
                     stages: &stages,
+                    shards: &shards,
                 };
                 parallel_loop(models, &scheduler, &latents, &guidance, p)?
             }
@@ -704,11 +729,13 @@ fn gemm_floor(m: &ModelArgs) -> Result<()> {
     Ok(())
 }
 
-/// The transformer of a parallel run: the whole model, and one part per stage for PipeFusion.
+/// The transformer of a parallel run: the whole model, one part per stage for PipeFusion,
+/// one shard per tp rank for tensor parallelism (None: another process's).
 #[derive(Clone, Copy)]
 struct Models<'a> {
     whole: &'a PixArtTransformer2DModel,
     stages: &'a [PixArtTransformer2DModel],
+    shards: &'a [Option<PixArtTransformer2DModel>],
 }
 
 /// The loop on `--world` rank threads (one process, the local backend), as the parallel
@@ -739,6 +766,10 @@ fn parallel_loop(
             pipefusion_parallel_degree: world,
             num_pipeline_patch: p.num_pipeline_patch,
             warmup_steps: p.warmup_steps,
+            ..Default::default()
+        },
+        ParallelMode::Tp => ParallelConfig {
+            tensor_parallel_degree: world,
             ..Default::default()
         },
     };
@@ -793,6 +824,24 @@ fn parallel_loop(
                     zero_stale_kv: false,
                 };
                 denoise_pipefusion(&config, latents.clone(), guidance, None, no_steps)
+            }
+            ParallelMode::Tp => {
+                let shard = models.shards[rank.coords().tp].as_ref().ok_or_else(|| {
+                    xfuser_core::Error::invalid("this process's tp shard was not built")
+                })?;
+                let ctx = ForwardContext::default().with_tp(Some(rank.tp_group().clone()));
+                // Serial CFG: both halves in one batch on every tp rank.
+                denoise(
+                    shard,
+                    scheduler,
+                    latents.clone(),
+                    guidance,
+                    &ctx,
+                    None,
+                    None,
+                    no_steps,
+                )
+                .map(|l| (rank.coords().tp == 0).then_some(l))
             }
             ParallelMode::Cfg => denoise(
                 models.whole,
@@ -873,11 +922,27 @@ fn mode_name(mode: ParallelMode) -> &'static str {
         ParallelMode::Ulysses => "ulysses",
         ParallelMode::Ring => "ring",
         ParallelMode::Pipefusion => "pipefusion",
+        ParallelMode::Tp => "tp",
     }
 }
 
 fn parallel(args: &ParallelArgs) -> Result<()> {
     pipeline(&args.pipeline, Some(args))
+}
+
+/// This process's peak resident memory so far (`VmHWM` of /proc/self/status), in KiB.
+fn peak_rss_kib() -> Result<u64> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .context("/proc/self/status has no VmHWM line")?;
+    line.trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .with_context(|| format!("VmHWM `{}` is not a number of kB", line.trim()))
 }
 
 /// Counts each rank thread's allocations for the `vae` subcommand's memory passes; threads

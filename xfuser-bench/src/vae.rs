@@ -3,6 +3,12 @@
 //! threads: the time of each, the float error of the parallel image, and the peak activation
 //! bytes of each rank (`parallel_vae::peak_activation_bytes`: every rank on a one-thread
 //! pool, counted by the tagged global allocator this binary installs).
+//!
+//! With `--one-process candle|bands` it decodes once in this process instead and prints the
+//! time and the process's peak resident memory (VmHWM); started by `mpirun -n N` (a build
+//! with `--features mpi`), the band decoder splits the rows over the N processes and rank 0
+//! prints every process's peak. That is the issue's measure once ranks are processes: the
+//! whole process (weights, allocator, MPI buffers), not only the activations.
 
 use std::path::Path;
 use std::time::Instant;
@@ -10,14 +16,16 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use clap::Args;
-use xfuser_core::distributed::{launch_local, LaunchOptions, RankMesh};
+use clap::{Args, ValueEnum};
+use xfuser_core::distributed::{
+    launch_local, process_world, CommStats, LaunchOptions, ProcessGroup, RankMesh,
+};
 use xfuser_core::engine::ParallelConfig;
 use xfuser_core::testing::rel_l2;
 use xfuser_pipelines::parallel_vae::{peak_activation_bytes, DecodeKind};
 use xfuser_pipelines::vae::{AutoencoderKL, VaeConfig};
 
-use crate::RandomWeights;
+use crate::{peak_rss_kib, RandomWeights};
 
 #[derive(Args)]
 pub struct VaeArgs {
@@ -33,6 +41,18 @@ pub struct VaeArgs {
     /// Skip the memory passes (one thread per rank, so slower than the timed runs).
     #[arg(long)]
     no_memory: bool,
+    /// Decode once in this process with this decoder and print the time and the peak
+    /// resident memory; under mpirun, `bands` splits the rows over the launched processes.
+    #[arg(long, value_enum)]
+    one_process: Option<OneProcess>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OneProcess {
+    /// candle-transformers' decoder, the serial decode of the pipelines.
+    Candle,
+    /// The band decoder of `--use-parallel-vae`, on one rank or on every launched process.
+    Bands,
 }
 
 /// The PixArt-α/Σ VAE (sd-vae-ft-ema): diffusers' `AutoencoderKL` defaults but for these.
@@ -51,16 +71,13 @@ fn pixart_vae_config() -> Result<VaeConfig> {
 }
 
 pub fn vae(args: &VaeArgs) -> Result<()> {
+    if let Some(decoder) = args.one_process {
+        return one_process(args.latent, decoder);
+    }
     if args.ranks < 2 {
         bail!("--ranks must be at least 2");
     }
-    let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu);
-    let vae = AutoencoderKL::from_var_builder(
-        pixart_vae_config()?,
-        vb,
-        DType::F32,
-        Path::new("<random weights>"),
-    )?;
+    let vae = random_vae()?;
     let z = Tensor::randn(0f32, 1.0, (1, 4, args.latent, args.latent), &Device::Cpu)?;
     let mesh = RankMesh::new(&ParallelConfig {
         ulysses_degree: args.ranks,
@@ -116,6 +133,88 @@ pub fn vae(args: &VaeArgs) -> Result<()> {
                 *peak as f64 / one as f64
             );
         }
+    }
+    Ok(())
+}
+
+/// The full-size PixArt VAE with the bench's deterministic random weights (the same in every
+/// process).
+fn random_vae() -> Result<AutoencoderKL> {
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu);
+    Ok(AutoencoderKL::from_var_builder(
+        pixart_vae_config()?,
+        vb,
+        DType::F32,
+        Path::new("<random weights>"),
+    )?)
+}
+
+/// One decode of a `latent`² latent in this process (or over the launched processes), timed
+/// after a warm-up decode of an 8×8 latent (which also builds the band decoder's weights).
+fn one_process(latent: usize, decoder: OneProcess) -> Result<()> {
+    let vae = random_vae()?;
+    // Seeded, so every process of a launched job decodes the same latent.
+    let z = xfuser_core::random::Generator::manual_seed(0)
+        .randn_tensor(&[1, 4, latent, latent], &Device::Cpu)?;
+    let small = z.narrow(2, 0, 8)?.narrow(3, 0, 8)?;
+    let side = latent * 8;
+    let Some(world) = process_world() else {
+        let decode = |z: &Tensor| -> Result<()> {
+            match decoder {
+                OneProcess::Candle => drop(vae.decode(z)?),
+                OneProcess::Bands => {
+                    let mesh = RankMesh::new(&ParallelConfig::default())?;
+                    launch_local(&mesh, &LaunchOptions::default(), |ctx| {
+                        vae.decode_parallel(z, ctx.world()).map(drop)
+                    })?;
+                }
+            }
+            Ok(())
+        };
+        decode(&small)?;
+        let start = Instant::now();
+        decode(&z)?;
+        let seconds = start.elapsed().as_secs_f64();
+        let name = match decoder {
+            OneProcess::Candle => "candle decoder",
+            OneProcess::Bands => "band decoder",
+        };
+        println!(
+            "image {side}x{side}: {name}, 1 process: {seconds:.2} s, peak RSS {:.1} MiB",
+            peak_rss_kib()? as f64 / 1024.0
+        );
+        return Ok(());
+    };
+    if decoder != OneProcess::Bands {
+        bail!("--one-process candle decodes serially; run it without mpirun");
+    }
+    let mesh = RankMesh::new(&ParallelConfig {
+        ulysses_degree: world.size(),
+        ..Default::default()
+    })?;
+    let stats = CommStats::new();
+    // A 2048 px decode's slowest collective can wait minutes for the other rank.
+    let rank = world.rank_context(&mesh, &stats, std::time::Duration::from_secs(3600))?;
+    let group: &ProcessGroup = rank.world();
+    vae.decode_parallel(&small, group)?;
+    group.barrier()?;
+    let start = Instant::now();
+    vae.decode_parallel(&z, group)?;
+    group.barrier()?;
+    let seconds = start.elapsed().as_secs_f64();
+    let own = u32::try_from(peak_rss_kib()?)?;
+    let peaks = group.all_gather_tensors(&Tensor::new(&[own], &Device::Cpu)?)?;
+    if world.rank() == 0 {
+        let peaks = peaks
+            .iter()
+            .map(|p| Ok(format!("{:.1}", p.to_vec1::<u32>()?[0] as f64 / 1024.0)))
+            .collect::<Result<Vec<_>>>()?;
+        println!(
+            "image {side}x{side}: band decoder, {} processes: {seconds:.2} s, peak RSS per \
+             process MiB [{}]",
+            world.size(),
+            peaks.join(", ")
+        );
     }
     Ok(())
 }

@@ -6,8 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 use xfuser_core::distributed::ProcessGroup;
 use xfuser_core::weights::WeightFiles;
@@ -206,9 +207,15 @@ impl VaeConfig {
 }
 
 /// A loaded `AutoencoderKL`, used for decoding.
+///
+/// Loading checks every weight either decoder needs (present, right shape) but keeps none:
+/// each decoder reads its weights on first use, so a process that never decodes (a rank that
+/// does not lead its data-parallel group) holds no VAE weights, and one that decodes with
+/// `--use-parallel-vae` holds only the band decoder's.
 pub struct AutoencoderKL {
     config: VaeConfig,
-    model: AutoEncoderKL,
+    /// candle-transformers' whole VAE (the encoder too), built on the first serial decode.
+    model: Mutex<Option<Arc<AutoEncoderKL>>>,
     dtype: DType,
     dir: PathBuf,
     /// The weights (for the band-split decoder) and, when read from files, those files (for
@@ -254,23 +261,56 @@ impl AutoencoderKL {
         dtype: DType,
         dir: &Path,
     ) -> Result<Self> {
-        // The encoder is built too (candle has no decoder-only constructor), so its weights
-        // must be present, as they are in every diffusers VAE folder.
-        let model = AutoEncoderKL::new(
-            vb.clone(),
-            config.in_channels,
-            config.out_channels,
-            config.candle_config(),
-        )?;
+        // Built on stand-ins, to check the weights now; dropped at once. The encoder is built
+        // too (candle has no decoder-only constructor), so its weights must be present, as
+        // they are in every diffusers VAE folder.
+        let checking =
+            VarBuilder::from_backend(Box::new(ShapeCheck(vb.clone())), dtype, vb.device().clone());
+        drop(Self::build_model(&config, checking)?);
+        drop(ParallelVaeDecoder::load(
+            VarBuilder::from_backend(Box::new(ShapeCheck(vb.clone())), dtype, vb.device().clone()),
+            &config,
+        )?);
         Ok(Self {
             config,
-            model,
+            model: Mutex::new(None),
             dtype,
             dir: dir.to_path_buf(),
             vb,
             weights: None,
             parallel: Mutex::new(None),
         })
+    }
+
+    fn build_model(config: &VaeConfig, vb: VarBuilder<'static>) -> Result<AutoEncoderKL> {
+        Ok(AutoEncoderKL::new(
+            vb,
+            config.in_channels,
+            config.out_channels,
+            config.candle_config(),
+        )?)
+    }
+
+    /// candle's VAE, read from the weights on the first call (ranks calling at once wait
+    /// for one load).
+    fn model(&self) -> Result<Arc<AutoEncoderKL>> {
+        let mut slot = self.model.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(model) = slot.as_ref() {
+            return Ok(model.clone());
+        }
+        let model =
+            Self::build_model(&self.config, self.vb.clone()).map_err(|e| self.weights_error(e))?;
+        let model = Arc::new(model);
+        *slot = Some(model.clone());
+        Ok(model)
+    }
+
+    /// A candle error of reading the weights, naming the weight file where there is one.
+    fn weights_error(&self, e: Error) -> Error {
+        match (e, &self.weights) {
+            (Error::Candle(e), Some(w)) => w.error(e),
+            (e, _) => e,
+        }
     }
 
     pub fn config(&self) -> &VaeConfig {
@@ -296,8 +336,9 @@ impl AutoencoderKL {
         // returns wrong values for every entry after the first (huggingface/candle#3758).
         // Entries are independent in the VAE, so this is the batched result, as diffusers'
         // `enable_slicing` computes it too.
+        let model = self.model()?;
         let images = (0..z.dim(0)?)
-            .map(|i| self.model.decode(&z.narrow(0, i, 1)?))
+            .map(|i| model.decode(&z.narrow(0, i, 1)?))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&images, 0)?)
     }
@@ -386,12 +427,8 @@ impl AutoencoderKL {
         if let Some(decoder) = slot.as_ref() {
             return Ok(decoder.clone());
         }
-        let decoder = ParallelVaeDecoder::load(self.vb.clone(), &self.config).map_err(|e| {
-            match &self.weights {
-                Some(w) => w.error(e),
-                None => e.into(),
-            }
-        })?;
+        let decoder = ParallelVaeDecoder::load(self.vb.clone(), &self.config)
+            .map_err(|e| self.weights_error(e.into()))?;
         let decoder = Arc::new(decoder);
         *slot = Some(decoder.clone());
         Ok(decoder)
@@ -403,5 +440,34 @@ impl AutoencoderKL {
     /// exactly as in those pipelines.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
         self.decode(&self.unscaled(latents)?)
+    }
+}
+
+/// A weights backend that checks each weight a model asks for against the real one (present,
+/// that shape) and hands back a stand-in that holds one element (a broadcast zero), so a
+/// model can be built to check a checkpoint without keeping its weights.
+struct ShapeCheck(VarBuilder<'static>);
+
+impl SimpleBackend for ShapeCheck {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        // Read one tensor at a time and let it go: at most one weight is held at once.
+        drop(self.0.get_with_hints_dtype(s.clone(), name, h, dtype)?);
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let shape = self.0.get_unchecked_dtype(name, dtype)?.shape().clone();
+        Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
     }
 }
