@@ -33,6 +33,18 @@ fn mpirun(n: usize) -> Command {
     cmd
 }
 
+/// `xfuser` alone (n = 0) or under `mpirun -n n`.
+fn xfuser(n: usize) -> Command {
+    match n {
+        0 => Command::new(env!("CARGO_BIN_EXE_xfuser")),
+        n => {
+            let mut c = mpirun(n);
+            c.arg(env!("CARGO_BIN_EXE_xfuser"));
+            c
+        }
+    }
+}
+
 fn hermetic(cmd: &mut Command) -> &mut Command {
     cmd.env("HF_HUB_OFFLINE", "1").env_remove("RUST_BACKTRACE")
 }
@@ -101,14 +113,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 /// checking that exactly one file was written and listed.
 fn latents(n: usize, flags: &[&str]) -> Tensor {
     let dir = TempDir::new("run");
-    let mut cmd = match n {
-        0 => Command::new(env!("CARGO_BIN_EXE_xfuser")),
-        n => {
-            let mut c = mpirun(n);
-            c.arg(env!("CARGO_BIN_EXE_xfuser"));
-            c
-        }
-    };
+    let mut cmd = xfuser(n);
     cmd.args(request(dir.path(), STEPS)).args(flags);
     let r = run(&mut cmd);
     assert_eq!(
@@ -161,6 +166,42 @@ fn every_method_on_mpi_processes_gives_the_serial_latents() {
     for (n, flags) in cases {
         let got = latents(n, flags);
         assert_close(&got, &serial, 1e-5, &format!("{flags:?} on {n} processes"));
+    }
+}
+
+/// The `--report-comm` lines of a run (`group op calls bytes`), but the world group's: a
+/// launched job also sends its outputs to rank 0 over the world.
+fn comm_report(n: usize, flags: &[&str]) -> Vec<String> {
+    let dir = TempDir::new("comm");
+    let mut cmd = xfuser(n);
+    cmd.args(request(dir.path(), STEPS))
+        .args(flags)
+        .arg("--report-comm");
+    let r = run(&mut cmd);
+    assert_eq!(r.code, Some(0), "{flags:?} on {n}: {}", r.stderr);
+    let lines: Vec<String> = r
+        .stderr
+        .lines()
+        .skip_while(|l| !l.starts_with("communication"))
+        .skip(1)
+        .filter(|l| !l.trim_start().starts_with("world"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert!(
+        !lines.is_empty(),
+        "{flags:?} on {n}: no counters in\n{}",
+        r.stderr
+    );
+    lines
+}
+
+#[test]
+fn report_comm_on_processes_counts_every_rank_as_threads_do() {
+    for (n, flags) in [
+        (2, &["--ulysses-degree", "2"][..]),
+        (4, &["--use-cfg-parallel", "--ring-degree", "2"][..]),
+    ] {
+        assert_eq!(comm_report(n, flags), comm_report(0, flags), "{flags:?}");
     }
 }
 
@@ -342,14 +383,7 @@ fn children_named(parent: u32, name: &str) -> Vec<u32> {
 fn the_parallel_vae_on_processes_draws_the_serial_images() {
     let pngs = |n: usize, flags: &[&str]| -> Vec<Vec<u8>> {
         let dir = TempDir::new("vae");
-        let mut cmd = match n {
-            0 => Command::new(env!("CARGO_BIN_EXE_xfuser")),
-            n => {
-                let mut c = mpirun(n);
-                c.arg(env!("CARGO_BIN_EXE_xfuser"));
-                c
-            }
-        };
+        let mut cmd = xfuser(n);
         let args: Vec<String> = request(dir.path(), STEPS)
             .into_iter()
             .map(|a| if a == "latent" { "pil".to_string() } else { a })

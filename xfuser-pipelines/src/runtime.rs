@@ -574,12 +574,34 @@ impl DiTRuntime {
     ) -> Result<PipelineOutput> {
         let stats = CommStats::new();
         let rank = world.rank_context(mesh, &stats, self.runtime.comm_timeout)?;
+        let mut output =
+            self.run_process_rank(&rank, &stats, mesh, pipeline, shape, plan, input, on_step)?;
+        // Each process counted only its own rank; every counter goes to every process, so
+        // rank 0 reports the whole job's traffic, as a thread run does.
+        output.comm_stats = Some(stats.gathered(rank.world())?);
+        Ok(output)
+    }
+
+    /// [`Self::generate_in_process`] once the rank's groups exist.
+    #[allow(clippy::too_many_arguments)]
+    fn run_process_rank<P: DenoisingPipeline>(
+        &self,
+        rank: &RankContext,
+        stats: &CommStats,
+        mesh: &RankMesh,
+        pipeline: &P,
+        shape: &RunShape,
+        plan: &P::Plan,
+        input: &InputConfig,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<PipelineOutput> {
+        let stats = stats.clone();
         let mut report = |i, n| {
             if rank.rank() == 0 {
                 on_step(i, n);
             }
         };
-        let own = self.run_rank(pipeline, shape, plan, input, Some(&rank), &mut report)?;
+        let own = self.run_rank(pipeline, shape, plan, input, Some(rank), &mut report)?;
         if self.decodes_on_every_rank(input) {
             // The decode already gathered the whole request's latents on every rank and
             // joined the images on rank 0.

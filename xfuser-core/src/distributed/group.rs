@@ -30,6 +30,21 @@ pub enum CommOp {
 }
 
 impl CommOp {
+    pub const ALL: [CommOp; 7] = [
+        CommOp::AllReduceSum,
+        CommOp::AllGather,
+        CommOp::AllToAll,
+        CommOp::Broadcast,
+        CommOp::Send,
+        CommOp::Recv,
+        CommOp::Barrier,
+    ];
+
+    /// The op [`CommOp::name`] names.
+    pub fn from_name(name: &str) -> Option<CommOp> {
+        Self::ALL.into_iter().find(|op| op.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             CommOp::AllReduceSum => "all_reduce_sum",
@@ -175,6 +190,44 @@ impl CommStats {
     /// Every counter.
     pub fn snapshot(&self) -> BTreeMap<CommKey, CommCounts> {
         self.lock().clone()
+    }
+
+    /// Every member's counters of `group`, joined: for one process per rank, where each
+    /// process counts only its own ranks' traffic. Collective over `group`; every member gets
+    /// the union. The gather's own traffic (counted in `self`) is not in the result.
+    pub fn gathered(&self, group: &ProcessGroup) -> Result<CommStats> {
+        let rows: Vec<(String, &str, usize, u64, u64, u64)> = self
+            .snapshot()
+            .into_iter()
+            .map(|(k, c)| {
+                let row = (k.group, k.op.name(), k.rank, c.calls, c.bytes_sent);
+                (row.0, row.1, row.2, row.3, row.4, c.bytes_received)
+            })
+            .collect();
+        let text = serde_json::to_vec(&rows)
+            .map_err(|e| Error::invalid(format!("encoding the communication counters: {e}")))?;
+        let len = text.len();
+        let parts =
+            group.all_gather_tensors(&Tensor::from_vec(text, len, &candle_core::Device::Cpu)?)?;
+        let joined = CommStats::new();
+        for part in parts {
+            let rows: Vec<(String, String, usize, u64, u64, u64)> =
+                serde_json::from_slice(&part.to_vec1::<u8>()?).map_err(|e| {
+                    Error::invalid(format!("a member's communication counters: {e}"))
+                })?;
+            for (group, op, rank, calls, bytes_sent, bytes_received) in rows {
+                let op = CommOp::from_name(&op).ok_or_else(|| {
+                    Error::invalid(format!("a member counted an unknown op `{op}`"))
+                })?;
+                let counts = CommCounts {
+                    calls,
+                    bytes_sent,
+                    bytes_received,
+                };
+                joined.record(&group, op, rank, counts);
+            }
+        }
+        Ok(joined)
     }
 
     /// Sets every counter to zero (forgets them).
