@@ -15,7 +15,7 @@ use crate::pipelines::xFuserPipeline;
 use crate::request::{GenerateParams, DEFAULT_SEED};
 use crate::serve::ServeConfig;
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -56,6 +56,26 @@ enum DTypeArg {
     F32,
     F16,
     Bf16,
+}
+
+/// `--device`: `cpu`, `cuda` (under a launcher: the GPU of this process's local rank, else
+/// GPU 0) or `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DeviceArg {
+    Cpu,
+    Cuda(Option<usize>),
+}
+
+fn parse_device(value: &str) -> std::result::Result<DeviceArg, String> {
+    match value {
+        "cpu" => Ok(DeviceArg::Cpu),
+        "cuda" => Ok(DeviceArg::Cuda(None)),
+        _ => value
+            .strip_prefix("cuda:")
+            .and_then(|i| i.parse().ok())
+            .map(|i| DeviceArg::Cuda(Some(i)))
+            .ok_or_else(|| format!("expected cpu, cuda or cuda:N (N a GPU index), got `{value}`")),
+    }
 }
 
 // Flag names follow xDiT's (with dashes; its underscore spellings are accepted as aliases).
@@ -101,8 +121,13 @@ struct GenerateArgs {
     /// 512 (Flux).
     #[arg(long, alias = "max_sequence_length")]
     max_sequence_length: Option<usize>,
+    /// The models' weights and activations (the latents and the scheduler stay in f32).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeArg,
+    /// cpu, cuda (under mpirun: the GPU of the process's local rank) or cuda:N; cuda needs a
+    /// build with `--features cuda`.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: DeviceArg,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -215,8 +240,12 @@ struct ServeArgs {
     /// Text tokens kept per prompt (T5), for every request; default: the pipeline's.
     #[arg(long, alias = "max_sequence_length")]
     max_sequence_length: Option<usize>,
+    /// The models' weights and activations (the latents and the scheduler stay in f32).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeArg,
+    /// cpu, cuda or cuda:N; cuda needs a build with `--features cuda`.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: DeviceArg,
     #[command(flatten)]
     parallel: ParallelArgs,
     #[command(flatten)]
@@ -270,10 +299,20 @@ pub fn main() {
         // Plain text when stderr is a file or pipe (logs, tests), colours on a terminal.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    // Under an MPI launcher this process becomes one rank of the job; the universe finalises
-    // MPI when dropped at the end of `main`.
+    // One device for the whole process: the process world's communicators (NCCL) and the
+    // pipeline must share it (candle tells two handles on one GPU apart).
+    let device = match cli_device(&cli.command) {
+        Ok(device) => device,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::exit(1);
+        }
+    };
+    // Under an MPI launcher this process becomes one rank of the job (with a CUDA device and
+    // the `nccl` feature, its groups are NCCL communicators); the universe finalises MPI when
+    // dropped at the end of `main`.
     #[cfg(feature = "mpi")]
-    let universe = match crate::mpi::init_from_env() {
+    let universe = match crate::mpi::init_from_env_on(&device) {
         Ok(universe) => universe,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -290,8 +329,8 @@ pub fn main() {
         }));
     }
     let result = match cli.command {
-        Command::Generate(args) => generate(args),
-        Command::Serve(args) => serve(args),
+        Command::Generate(args) => generate(args, device),
+        Command::Serve(args) => serve(args, device),
         Command::Classify(args) => classify(args),
         Command::List => {
             if is_lead_process() {
@@ -388,7 +427,53 @@ fn list() {
     }
 }
 
-fn generate(args: GenerateArgs) -> Result<()> {
+/// The device `command` runs on: its `--device` (cpu for the commands without one).
+fn cli_device(command: &Command) -> Result<Device> {
+    match command {
+        Command::Generate(args) => device(args.device),
+        Command::Serve(args) => device(args.device),
+        Command::Classify(_) | Command::List => Ok(Device::Cpu),
+    }
+}
+
+/// Opens the device `arg` names. `cuda` alone is the GPU of this process's local rank under a
+/// launcher (one process per GPU), else GPU 0.
+fn device(arg: DeviceArg) -> Result<Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda(index) => cuda_device(index.unwrap_or_else(local_rank)),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(index: usize) -> Result<Device> {
+    Device::new_cuda(index)
+        .with_context(|| format!("--device cuda:{index}: cannot open GPU {index}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_index: usize) -> Result<Device> {
+    bail!(
+        "--device cuda: this xfuser was built without CUDA; rebuild it with `cargo build \
+         --release --features cuda` (docs/gpu.md) or use --device cpu"
+    )
+}
+
+/// This process's index among the job's processes on its node, as the launcher sets it (Open
+/// MPI, MPICH's hydra, Slurm, torchrun); 0 outside a launcher.
+fn local_rank() -> usize {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+        "LOCAL_RANK",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+    .unwrap_or(0)
+}
+
+fn generate(args: GenerateArgs, device: Device) -> Result<()> {
     // Everything that can be refused is refused before the model is loaded.
     let (parallel, input, step_cache, dtype) = refuse_early(|| {
         let parallel = args.parallel.config();
@@ -416,7 +501,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         .into_input()?;
         parallel.validate()?;
         check_world_size(RankMesh::new(&parallel)?.world_size())?;
-        Ok((parallel, input, args.cache.config()?, dtype(args.dtype)?))
+        Ok((parallel, input, args.cache.config()?, dtype(args.dtype)))
     })?;
     let lead = is_lead_process();
     if lead {
@@ -424,7 +509,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
     }
 
     let runtime = runtime_config(step_cache, &args.parallel);
-    let (pipeline, model_name) = load(args.model.as_deref(), dtype, &parallel, &runtime)?;
+    let (pipeline, model_name) =
+        load(args.model.as_deref(), (dtype, &device), &parallel, &runtime)?;
 
     let bar = progress_bar(input.num_inference_steps, args.quiet || !lead);
     let output = pipeline.generate(&input, &mut |i, _| bar.set_position(i as u64))?;
@@ -522,12 +608,13 @@ fn request_defaults(model: Option<&str>) -> GenerateParams {
     }
 }
 
-fn dtype(arg: DTypeArg) -> Result<DType> {
+/// The compute dtype of the models' weights and activations. The scheduler and the latents
+/// between steps stay in f32 whatever it is (docs/user-guide.md).
+fn dtype(arg: DTypeArg) -> DType {
     match arg {
-        DTypeArg::F32 => Ok(DType::F32),
-        DTypeArg::F16 | DTypeArg::Bf16 => {
-            bail!("--dtype f16/bf16: this build computes on the CPU in f32 only; use --dtype f32")
-        }
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::F16 => DType::F16,
+        DTypeArg::Bf16 => DType::BF16,
     }
 }
 
@@ -535,7 +622,7 @@ fn dtype(arg: DTypeArg) -> Result<DType> {
 /// output files and messages use.
 fn load(
     model: Option<&str>,
-    dtype: DType,
+    (dtype, device): (DType, &Device),
     parallel: &ParallelConfig,
     runtime: &RuntimeConfig,
 ) -> Result<(Box<dyn DiffusionPipeline>, String)> {
@@ -548,6 +635,7 @@ fn load(
     };
     let mut engine = EngineConfig::new(model);
     engine.model.dtype = dtype;
+    engine.model.device = device.clone();
     engine.parallel = parallel.clone();
     engine.runtime = runtime.clone();
     Ok((xFuserPipeline::from_pretrained(&engine)?, model_name))
@@ -562,7 +650,7 @@ fn runtime_config(step_cache: Option<StepCache>, parallel: &ParallelArgs) -> Run
     }
 }
 
-fn serve(args: ServeArgs) -> Result<()> {
+fn serve(args: ServeArgs, device: Device) -> Result<()> {
     refuse_under_launcher("serve")?;
     let parallel = args.parallel.config();
     parallel.validate()?;
@@ -570,7 +658,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     if args.max_sequence_length == Some(0) {
         bail!("--max-sequence-length must be at least 1");
     }
-    let dtype = dtype(args.dtype)?;
+    let dtype = dtype(args.dtype);
     let model_name = match &args.model {
         Some(m) => model_display_name(m),
         None => BUNDLED_MODEL_NAME.to_string(),
@@ -586,7 +674,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     crate::serve::run(
         config,
-        || Ok(load(args.model.as_deref(), dtype, &parallel, &runtime)?.0),
+        || Ok(load(args.model.as_deref(), (dtype, &device), &parallel, &runtime)?.0),
         |addr| {
             use std::io::Write;
             println!("listening on http://{addr}");

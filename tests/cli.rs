@@ -865,11 +865,69 @@ fn mistyped_config_field() {
     );
 }
 
+/// `--dtype f16` and `bf16` write the PNG of a golden case close to diffusers' f32 image (the
+/// bounds of tests/pipeline_dtype.rs: f16 within 4/255 per pixel, bf16 within rel L2 3e-2).
 #[test]
-fn reduced_precision_on_cpu() {
-    for dtype in ["bf16", "f16"] {
-        refused(&alpha_dir(), &["--dtype", dtype], &["--dtype", "f32"]);
+fn half_precision_writes_a_png_close_to_the_f32_image() {
+    let name = "alpha_square_cfg";
+    let case = case(name);
+    let reference = &goldens(name)["image"];
+    for (dtype, rel_bound, pixel_bound) in [("f16", 1e-2, 8.0), ("bf16", 3e-2, 32.0)] {
+        let out = TempDir::new(&format!("{name}-{dtype}"));
+        let args = with_flags(case_args(&case, "pil", out.path()), &["--dtype", dtype]);
+        let r = run(xfuser().args(&args));
+        r.assert_ok();
+        let path = out.join(format!("{}_{STEM}_0.png", case.model));
+        assert_eq!(r.listed(), vec![path.clone()], "stdout: {}", r.stdout);
+        let img = image::open(&path).expect("decode png");
+        let (h, w) = (img.height() as usize, img.width() as usize);
+        let ours = (Tensor::from_vec(img.to_rgb8().into_raw(), (1, h, w, 3), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            / 255.0)
+            .unwrap();
+        let err = rel_l2(&ours, reference).unwrap();
+        let worst = max_abs_diff(&ours, reference).unwrap() * 255.0;
+        assert!(
+            err <= rel_bound,
+            "{dtype}: image rel L2 {err:.3e} > {rel_bound:.0e}"
+        );
+        assert!(
+            worst <= pixel_bound,
+            "{dtype}: image differs by {worst:.2}/255"
+        );
     }
+}
+
+/// A build without the `cuda` feature names the flag and the feature to build with.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_device_needs_the_cuda_feature() {
+    for device in ["cuda", "cuda:1"] {
+        refused(
+            &alpha_dir(),
+            &["--device", device],
+            &["--device cuda", "--features cuda"],
+        );
+    }
+}
+
+#[test]
+fn unknown_device_is_refused_by_name() {
+    let tmp = TempDir::new("bad-device");
+    let args = with_flags(
+        quick_args(&alpha_dir(), &tmp.join("out")),
+        &["--device", "gpu"],
+    );
+    let r = run(xfuser().args(&args));
+    assert!(!r.ok());
+    assert!(
+        r.stderr.contains("--device") && r.stderr.contains("expected cpu, cuda or cuda:N"),
+        "{}",
+        r.stderr
+    );
+    assert_no_files(&tmp.join("out"));
 }
 
 #[test]

@@ -97,12 +97,16 @@ pub fn scaled_dot_product_attention(
         return Ok(out);
     }
     let dtype = q.dtype();
-    let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
     let probs = if dtype == DType::F32 {
+        let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
         // scale, bias and softmax in one pass
         crate::kernels::scaled_masked_softmax(&scores, scale, bias)?
     } else {
-        let scores = (scores * scale)?.to_dtype(DType::F32)?;
+        // f16/bf16 (the GPU path): q is scaled before the product so that the scores stay
+        // in the half-precision range, then the softmax runs in f32 and the probabilities
+        // return to the compute dtype for the product with v.
+        let scores = (q * scale)?.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+        let scores = scores.to_dtype(DType::F32)?;
         let scores = match bias {
             Some(b) => scores.broadcast_add(&b.to_dtype(DType::F32)?)?,
             None => scores,
@@ -142,5 +146,56 @@ impl AttentionProcessor for SerialAttention {
         scale: f64,
     ) -> Result<(Tensor, Tensor)> {
         joint_attention_serial(q, k, v, text, scale)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// A fixed (1, 2, n, 8) tensor of values in [-amplitude, amplitude].
+    fn wave(n: usize, phase: f32, amplitude: f32) -> Tensor {
+        let values: Vec<f32> = (0..2 * n * 8)
+            .map(|i| (i as f32 * 0.731 + phase).sin() * amplitude)
+            .collect();
+        Tensor::from_vec(values, (1, 2, n, 8), &Device::Cpu).unwrap()
+    }
+
+    /// q (1, 2, 5, 8), k and v (1, 2, 7, 8) and a key mask, with scores of a few tens (the
+    /// softmax is peaked, as in a trained model).
+    fn inputs() -> (Tensor, Tensor, Tensor, Tensor) {
+        let bias = Tensor::new(&[0f32, 0.0, -1e4, 0.0, 0.0, -1e4, 0.0], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 1, 7))
+            .unwrap();
+        (
+            wave(5, 0.0, 4.0),
+            wave(7, 1.3, 4.0),
+            wave(7, 2.9, 1.0),
+            bias,
+        )
+    }
+
+    #[test]
+    fn half_precision_attention_returns_its_dtype_and_the_f32_result() {
+        let (q, k, v, bias) = inputs();
+        let scale = 8f64.powf(-0.5);
+        let reference = scaled_dot_product_attention(&q, &k, &v, Some(&bias), scale).unwrap();
+        // The rounding of the inputs and of p·v in each dtype: f16 keeps 11 significant bits,
+        // bf16 8.
+        for (dtype, tolerance) in [(DType::F16, 3e-3), (DType::BF16, 2e-2)] {
+            let cast = |t: &Tensor| t.to_dtype(dtype).unwrap();
+            let out =
+                scaled_dot_product_attention(&cast(&q), &cast(&k), &cast(&v), Some(&bias), scale)
+                    .unwrap();
+            assert_eq!(out.dtype(), dtype);
+            let err = crate::testing::rel_l2(&out, &reference).unwrap();
+            println!("{dtype:?}: rel L2 {err:.3e}");
+            assert!(
+                err <= tolerance,
+                "{dtype:?}: rel L2 {err:.3e} > {tolerance:.0e}"
+            );
+        }
     }
 }

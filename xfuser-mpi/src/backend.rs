@@ -46,8 +46,22 @@ pub fn launched_by_mpi() -> bool {
 /// returned universe finalises MPI when dropped, so keep it until the command is done. Without
 /// a launcher MPI is not touched and the ranks of a parallel run are threads.
 pub fn init_from_env() -> Result<Option<Universe>> {
+    init_from_env_on(&Device::Cpu)
+}
+
+/// [`init_from_env`] for a process whose models run on `device`. On a CUDA device the groups
+/// must move CUDA tensors: with the `nccl` feature they are NCCL communicators
+/// (`nccl::NcclWorld`); without it this is refused, naming the feature.
+pub fn init_from_env_on(device: &Device) -> Result<Option<Universe>> {
     if !launched_by_mpi() {
         return Ok(None);
+    }
+    if device.is_cuda() && !cfg!(feature = "nccl") {
+        return Err(Error::Unsupported(
+            "--device cuda under an MPI launcher needs the NCCL process groups: rebuild with \
+             `--features nccl` (docs/gpu.md), or run one process with --device cuda"
+                .into(),
+        ));
     }
     let Some((universe, threading)) = ::mpi::initialize_with_threading(Threading::Multiple) else {
         return Err(Error::invalid(
@@ -61,7 +75,12 @@ pub fn init_from_env() -> Result<Option<Universe>> {
         )));
     }
     let world = universe.world();
-    xfuser_core::distributed::install_process_world(Box::new(MpiWorld { world }))?;
+    let installed: Box<dyn ProcessWorld> = match device {
+        #[cfg(feature = "nccl")]
+        Device::Cuda(cuda) => Box::new(crate::nccl::NcclWorld::new(world, cuda.clone())),
+        _ => Box::new(MpiWorld { world }),
+    };
+    xfuser_core::distributed::install_process_world(installed)?;
     Ok(Some(universe))
 }
 
@@ -104,38 +123,48 @@ impl ProcessWorld for MpiWorld {
         timeout: Duration,
     ) -> Result<RankContext> {
         xfuser_core::distributed::check_world_size(mesh.world_size())?;
-        let rank = self.rank();
-        let mut groups = Vec::with_capacity(Axis::ALL.len() + 1);
-        // Every process splits the world once per axis, in the same order: the color is the
-        // index of this process's group among the axis's groups, the key its place in it.
-        for axis in Axis::ALL {
-            let all = mesh.groups(axis);
-            let (color, members) = all
-                .iter()
-                .enumerate()
-                .find(|(_, members)| members.contains(&rank))
-                .map(|(i, m)| (i, m.clone()))
-                .ok_or_else(|| {
-                    Error::invalid(format!("rank {rank} is in no {} group", axis.name()))
-                })?;
-            let index = members.iter().position(|&r| r == rank).unwrap_or(0);
-            let comm = self
-                .world
-                .split_by_color_with_key(Color::with_value(color as i32), index as i32)
-                .ok_or_else(|| {
-                    Error::invalid(format!("MPI gave rank {rank} no {} group", axis.name()))
-                })?;
-            groups.push(group(axis.name(), members, index, comm, stats, timeout)?);
-        }
-        let world: Vec<usize> = (0..mesh.world_size()).collect();
-        let dup = self.world.duplicate();
-        groups.push(group("world", world, rank, dup, stats, timeout)?);
-        Ok(RankContext::new(rank, *mesh, groups, stats.clone()))
+        let groups = split_groups(&self.world, mesh, |prefix, members, index, comm| {
+            group(prefix, members, index, comm, stats, timeout)
+        })?;
+        Ok(RankContext::new(self.rank(), *mesh, groups, stats.clone()))
     }
 
     fn abort(&self, code: i32) -> ! {
         self.world.abort(code)
     }
+}
+
+/// One process group per axis of `mesh`, then the world group, each over its own MPI
+/// communicator split from `world` and made into a group by `make(prefix, members, index,
+/// communicator)`. Collective over `world`.
+pub(crate) fn split_groups(
+    world: &SimpleCommunicator,
+    mesh: &RankMesh,
+    mut make: impl FnMut(&str, Vec<usize>, usize, SimpleCommunicator) -> Result<ProcessGroup>,
+) -> Result<Vec<ProcessGroup>> {
+    let rank = world.rank() as usize;
+    let mut groups = Vec::with_capacity(Axis::ALL.len() + 1);
+    // Every process splits the world once per axis, in the same order: the color is the
+    // index of this process's group among the axis's groups, the key its place in it.
+    for axis in Axis::ALL {
+        let all = mesh.groups(axis);
+        let (color, members) = all
+            .iter()
+            .enumerate()
+            .find(|(_, members)| members.contains(&rank))
+            .map(|(i, m)| (i, m.clone()))
+            .ok_or_else(|| Error::invalid(format!("rank {rank} is in no {} group", axis.name())))?;
+        let index = members.iter().position(|&r| r == rank).unwrap_or(0);
+        let comm = world
+            .split_by_color_with_key(Color::with_value(color as i32), index as i32)
+            .ok_or_else(|| {
+                Error::invalid(format!("MPI gave rank {rank} no {} group", axis.name()))
+            })?;
+        groups.push(make(axis.name(), members, index, comm)?);
+    }
+    let members: Vec<usize> = (0..mesh.world_size()).collect();
+    groups.push(make("world", members, rank, world.duplicate())?);
+    Ok(groups)
 }
 
 fn group(
@@ -194,7 +223,7 @@ unsafe impl Send for Inner {}
 unsafe impl Sync for Inner {}
 
 /// Elements of a header: the dtype code, the rank, then up to `MAX_DIMS` dims.
-const HEADER: usize = 8;
+pub(crate) const HEADER: usize = 8;
 const MAX_DIMS: usize = HEADER - 2;
 const DTYPES: [DType; 7] = [
     DType::F32,
@@ -206,7 +235,7 @@ const DTYPES: [DType; 7] = [
     DType::I64,
 ];
 
-fn header(t: &Tensor) -> std::result::Result<[u64; HEADER], String> {
+pub(crate) fn header(t: &Tensor) -> std::result::Result<[u64; HEADER], String> {
     let dims = t.dims();
     if dims.len() > MAX_DIMS {
         return Err(format!(
@@ -235,7 +264,7 @@ fn describe(h: &[u64]) -> String {
     format!("{dtype} {:?}", &h[2..2 + rank])
 }
 
-fn dtype_and_dims(h: &[u64]) -> std::result::Result<(DType, Vec<usize>), String> {
+pub(crate) fn dtype_and_dims(h: &[u64]) -> std::result::Result<(DType, Vec<usize>), String> {
     let dtype = *DTYPES
         .get(h[0] as usize)
         .ok_or_else(|| format!("a message of unknown dtype code {}", h[0]))?;
@@ -388,7 +417,7 @@ impl Inner {
 
 /// How a rank waits between polls: spin briefly (a peer is usually close), then yield, then
 /// sleep, so that ranks oversubscribing the cores leave them to the ranks that compute.
-fn idle(polls: &mut u32) {
+pub(crate) fn idle(polls: &mut u32) {
     *polls = polls.saturating_add(1);
     match *polls {
         0..=64 => std::hint::spin_loop(),
@@ -726,5 +755,54 @@ impl Inner {
             ));
         }
         from_bytes(payload, dtype, &dims)
+    }
+}
+
+/// The ordered member pairs (src, dst) that get a point-to-point link in a group of `size`:
+/// cyclic neighbours both ways (Ring attention, PipeFusion's stages, the parallel VAE's halos)
+/// and member 0 with every member both ways (the outputs travelling to rank 0). Every member
+/// computes the same list in the same order. Used by the `nccl` feature's groups
+/// (`nccl.rs`); it lives here so that it is tested without a GPU.
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+pub(crate) fn links(size: usize) -> Vec<(usize, usize)> {
+    let mut pairs: Vec<(usize, usize)> = (0..size)
+        .flat_map(|i| {
+            [
+                (i, (i + 1) % size),
+                (i, (i + size - 1) % size),
+                (i, 0),
+                (0, i),
+            ]
+        })
+        .filter(|(a, b)| a != b)
+        .collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    pairs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::links;
+
+    #[test]
+    fn links_join_neighbours_and_member_zero_both_ways() {
+        assert_eq!(links(1), vec![]);
+        assert_eq!(links(2), vec![(0, 1), (1, 0)]);
+        let four = links(4);
+        for pair in [
+            (0, 1),
+            (1, 2),
+            (2, 3),
+            (3, 0),
+            (1, 0),
+            (2, 1),
+            (3, 2),
+            (0, 3),
+        ] {
+            assert!(four.contains(&pair), "{pair:?} in {four:?}");
+        }
+        assert!(four.contains(&(0, 2)) && four.contains(&(2, 0)));
+        assert!(!four.contains(&(1, 3)) && !four.contains(&(3, 1)));
     }
 }

@@ -6,4 +6,8 @@
 mod backend;
 
 #[cfg(feature = "mpi")]
-pub use backend::{init_from_env, launched_by_mpi, MpiComm, MpiWorld};
+pub use backend::{init_from_env, init_from_env_on, launched_by_mpi, MpiComm, MpiWorld};
+
+/// Process groups as NCCL communicators, for ranks on CUDA devices (the `nccl` feature).
+#[cfg(feature = "nccl")]
+pub mod nccl;

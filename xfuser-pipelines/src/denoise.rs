@@ -124,6 +124,7 @@ pub fn denoise_with_cache(
                 }
             }
         };
+        let prediction = to_latents_dtype(&prediction, &latents)?;
         let noise = apply_guidance(&prediction, guidance, batch)?;
         let noise = drop_learned_sigma(&noise, latent_channels)?;
         latents = scheduler.step(&mut state, &noise, &latents, generator.as_deref_mut())?;
@@ -249,6 +250,14 @@ fn own_cfg_half(guidance: &Guidance, index: usize) -> Result<Conditioning> {
         }
     };
     Ok(side.clone())
+}
+
+/// The backbone's prediction in the latents' dtype (f32): with `--dtype f16/bf16` the
+/// transformer computes in that dtype and its output crosses back here, so that guidance, the
+/// scheduler step and the latents between steps stay in f32 (diffusers' schedulers upcast the
+/// sample to f32 for the step, too). A no-op when the dtypes already agree.
+pub(crate) fn to_latents_dtype(prediction: &Tensor, latents: &Tensor) -> Result<Tensor> {
+    Ok(prediction.to_dtype(latents.dtype())?)
 }
 
 /// uncond + scale·(cond − uncond) on the two halves of a CFG batch; identity without CFG.

@@ -55,7 +55,9 @@ use xfuser_core::scheduler::{Scheduler, SchedulerState};
 use xfuser_core::{Error, Result};
 use xfuser_layers::pipefusion_attention::PipeFusionAttention;
 
-use crate::denoise::{apply_guidance, cfg_batch, drop_learned_sigma, schedule, CfgBatch, Guidance};
+use crate::denoise::{
+    apply_guidance, cfg_batch, drop_learned_sigma, schedule, to_latents_dtype, CfgBatch, Guidance,
+};
 
 /// What a PipeFusion rank runs with.
 pub struct PipeFusionConfig<'a> {
@@ -271,6 +273,7 @@ impl<'a> Stage<'a> {
             None => prediction,
         };
         let latents = &self.latents[slot];
+        let prediction = to_latents_dtype(&prediction, latents)?;
         let noise = apply_guidance(&prediction, self.guidance, latents.dim(0)?)?;
         let noise = drop_learned_sigma(&noise, latents.dim(1)?)?;
         let new = self

@@ -206,6 +206,17 @@ impl VaeConfig {
     }
 }
 
+/// The dtype the VAE decodes in for a pipeline computing in `dtype` on `device`: the
+/// pipeline's (as diffusers' pipelines decode), except bf16 on the CPU, which decodes in f32:
+/// candle's CPU convolutions have no bf16 kernel (its bf16 matmul widens to f32 anyway), and the
+/// decoder is almost all convolutions. On CUDA every dtype decodes as asked.
+pub fn decode_dtype(dtype: DType, device: &Device) -> DType {
+    match (dtype, device) {
+        (DType::BF16, Device::Cpu) => DType::F32,
+        _ => dtype,
+    }
+}
+
 /// A loaded `AutoencoderKL`, used for decoding.
 ///
 /// Loading checks every weight either decoder needs (present, right shape) but keeps none:
@@ -239,8 +250,10 @@ impl std::fmt::Debug for AutoencoderKL {
 
 impl AutoencoderKL {
     /// Loads `dir/config.json` and `dir/diffusion_pytorch_model.safetensors` (or its sharded
-    /// index). Errors name the config file and field, or the weights file and the tensor.
+    /// index) in `dtype` ([`decode_dtype`]: f32 for bf16 on the CPU). Errors name the config
+    /// file and field, or the weights file and the tensor.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let dtype = decode_dtype(dtype, device);
         let config = VaeConfig::load(&dir.join("config.json"))?;
         let weights = WeightFiles::find(dir, "diffusion_pytorch_model")?;
         let vb = weights.var_builder(dtype, device)?;

@@ -218,27 +218,38 @@ enum DenseReluDense {
 impl DenseReluDense {
     fn new(cfg: &T5Config, kind: FeedForwardKind, vb: VarBuilder) -> candle_core::Result<Self> {
         let (d, ff) = (cfg.d_model, cfg.d_ff);
+        // In f16 the output projection stays in f32, as transformers keeps T5's `wo` (its
+        // `_keep_in_fp32_modules`): its products overflow f16 in T5 v1.1 XXL.
+        let wo_vb = match vb.dtype() {
+            DType::F16 => vb.pp("wo").set_dtype(DType::F32),
+            _ => vb.pp("wo"),
+        };
         Ok(if kind.gated {
             Self::Gated {
                 wi_0: linear_no_bias(d, ff, vb.pp("wi_0"))?,
                 wi_1: linear_no_bias(d, ff, vb.pp("wi_1"))?,
-                wo: linear_no_bias(ff, d, vb.pp("wo"))?,
+                wo: linear_no_bias(ff, d, wo_vb)?,
                 act: kind.activation,
             }
         } else {
             Self::Plain {
                 wi: linear_no_bias(d, ff, vb.pp("wi"))?,
-                wo: linear_no_bias(ff, d, vb.pp("wo"))?,
+                wo: linear_no_bias(ff, d, wo_vb)?,
                 act: kind.activation,
             }
         })
     }
 }
 
+/// `wo` on `xs`, cast to `wo`'s dtype first (f32 in an f16 model, see [`DenseReluDense::new`]).
+fn project_out(wo: &Linear, xs: &Tensor) -> candle_core::Result<Tensor> {
+    wo.forward(&xs.to_dtype(wo.weight().dtype())?)
+}
+
 impl Module for DenseReluDense {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Plain { wi, wo, act } => wo.forward(&act.forward(&wi.forward(xs)?)?),
+            Self::Plain { wi, wo, act } => project_out(wo, &act.forward(&wi.forward(xs)?)?),
             Self::Gated {
                 wi_0,
                 wi_1,
@@ -246,7 +257,7 @@ impl Module for DenseReluDense {
                 act,
             } => {
                 let gate = act.forward(&wi_0.forward(xs)?)?;
-                wo.forward(&(gate * wi_1.forward(xs)?)?)
+                project_out(wo, &(gate * wi_1.forward(xs)?)?)
             }
         }
     }
@@ -269,10 +280,23 @@ impl T5LayerFF {
 }
 
 impl Module for T5LayerFF {
+    /// The residual sum in the wider of the two dtypes, as torch promotes it: in an f16 model
+    /// the f32 `wo` output makes the residual stream f32 from the first block on.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        xs + self
+        let ff = self
             .dense_relu_dense
-            .forward(&self.layer_norm.forward(xs)?)?
+            .forward(&self.layer_norm.forward(xs)?)?;
+        let dtype = wider(xs.dtype(), ff.dtype());
+        xs.to_dtype(dtype)? + ff.to_dtype(dtype)?
+    }
+}
+
+/// The dtype torch promotes a sum of `a` and `b` to, for the float dtypes a T5 runs in.
+fn wider(a: DType, b: DType) -> DType {
+    if a == DType::F32 || b == DType::F32 {
+        DType::F32
+    } else {
+        a
     }
 }
 
@@ -315,7 +339,10 @@ impl T5Attention {
         let v = heads(self.v.forward(xs)?)?;
         // T5 folds the scale into its initialisation: no 1/sqrt(d_kv) here.
         let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
-        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        // The softmax in f32 whatever the model's dtype, back to it for the product with v
+        // (as transformers' T5Attention does).
+        let weights = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+            .to_dtype(xs.dtype())?;
         // (B, H, L, Dk) -> (B, L, H·Dk)
         let out =
             weights
@@ -348,7 +375,8 @@ impl T5Block {
         let attn = self
             .self_attention
             .forward(&self.attention_norm.forward(xs)?, bias)?;
-        let xs = clamp_f16(&(xs + attn)?)?;
+        let dtype = wider(xs.dtype(), attn.dtype());
+        let xs = clamp_f16(&(xs.to_dtype(dtype)? + attn.to_dtype(dtype)?)?)?;
         clamp_f16(&self.ff.forward(&xs)?)
     }
 }
