@@ -279,11 +279,8 @@ impl AutoencoderKL {
         // they are in every diffusers VAE folder.
         let checking =
             VarBuilder::from_backend(Box::new(ShapeCheck(vb.clone())), dtype, vb.device().clone());
-        drop(Self::build_model(&config, checking)?);
-        drop(ParallelVaeDecoder::load(
-            VarBuilder::from_backend(Box::new(ShapeCheck(vb.clone())), dtype, vb.device().clone()),
-            &config,
-        )?);
+        drop(Self::build_model(&config, checking.clone())?);
+        drop(ParallelVaeDecoder::load(checking, &config)?);
         Ok(Self {
             config,
             model: Mutex::new(None),
