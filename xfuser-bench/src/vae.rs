@@ -104,7 +104,7 @@ pub fn vae(args: &VaeArgs) -> Result<()> {
     );
     if !args.no_serial {
         let start = Instant::now();
-        let serial_image = vae.decode(&z)?;
+        let serial_image = vae.decode_candle(&z)?;
         let serial_s = start.elapsed().as_secs_f64();
         let err = rel_l2(&parallel_image, &serial_image)?;
         println!(
@@ -116,7 +116,7 @@ pub fn vae(args: &VaeArgs) -> Result<()> {
     if !args.no_memory {
         let mib = |b: usize| b as f64 / (1 << 20) as f64;
         if !args.no_serial {
-            let serial = peak_activation_bytes(&vae, &z, DecodeKind::Serial)?[0];
+            let serial = peak_activation_bytes(&vae, &z, DecodeKind::Candle)?[0];
             println!("peak activation MiB, serial (candle): {:.1}", mib(serial));
         }
         let one = peak_activation_bytes(&vae, &z, DecodeKind::Bands(1))?[0];
@@ -161,7 +161,7 @@ fn one_process(latent: usize, decoder: OneProcess) -> Result<()> {
     let Some(world) = process_world() else {
         let decode = |z: &Tensor| -> Result<()> {
             match decoder {
-                OneProcess::Candle => drop(vae.decode(z)?),
+                OneProcess::Candle => drop(vae.decode_candle(z)?),
                 OneProcess::Bands => {
                     let mesh = RankMesh::new(&ParallelConfig::default())?;
                     launch_local(&mesh, &LaunchOptions::default(), |ctx| {

@@ -680,6 +680,117 @@ unsafe fn gemm_strided(
     );
 }
 
+/// Values of one task's patch matrix in [`conv3x3_valid`]: a strip of output rows is sized so
+/// that its patch matrix stays near this (4 MiB; 1 MiB and 16 MiB were both slower on the VAE
+/// decoder).
+const CONV_PATCH_VALUES: usize = 1 << 20;
+
+/// A 3×3, stride-1 convolution without padding: `x` (B, Ci, H + 2, W + 2), already padded,
+/// `w` (Co, Ci, 3, 3), `bias` (Co) or none -> (B, Co, H, W); what candle's
+/// `x.conv2d(w, 0, 1, 1, 1)` computes, plus the bias.
+///
+/// Written here because candle's CPU `conv2d` spends most of its time outside the matrix
+/// product: it transposes the whole input to channels-last and gathers each 3×3 patch value by
+/// value into tiles of 512 pixels, then scatters each tile's output back, which leaves the VAE
+/// decoder several times slower than PyTorch (docs/performance.md). Here the patch matrix of a
+/// strip of output rows, (9·Ci, rows·W) in the weight's (Ci, kh, kw) order, is built from whole
+/// image rows (one slice copy per input channel, kernel offset and output row), and one `gemm`
+/// per strip writes its (Co, rows·W) block straight into the output, bias included. Strips run
+/// in parallel; with fewer strips than threads, the product itself is parallel instead.
+pub fn conv3x3_valid(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, ci, hp, wp) = x.dims4()?;
+    let co = w.dim(0)?;
+    if w.dims() != [co, ci, 3, 3] || hp < 3 || wp < 3 {
+        candle_core::bail!(
+            "conv3x3_valid: input {:?} and weight {:?} do not make a 3x3 convolution",
+            x.dims(),
+            w.dims()
+        );
+    }
+    if let Some(bias) = bias {
+        if bias.dims() != [co] {
+            candle_core::bail!("conv3x3_valid: bias {:?} for {co} channels", bias.dims());
+        }
+    }
+    if !is_cpu_f32(x) || !is_cpu_f32(w) || bias.is_some_and(|t| !is_cpu_f32(t)) {
+        let out = x.conv2d(w, 0, 1, 1, 1)?;
+        return match bias {
+            Some(bias) => out.broadcast_add(&bias.reshape((1, co, 1, 1))?),
+            None => Ok(out),
+        };
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let bias = bias.map(|t| t.contiguous()).transpose()?;
+    let (h, wd) = (hp - 2, wp - 2);
+    let (plane_in, plane_out, k) = (hp * wp, h * wd, 9 * ci);
+    // At most a quarter of the image per strip, so that the patch matrices' memory scales
+    // with the image (a rank's band) even where it is smaller than the budget.
+    let rows = (CONV_PATCH_VALUES / (k * wd)).clamp(1, h.div_ceil(4));
+    let strips = h.div_ceil(rows);
+    let tasks = b * strips;
+    let threads = rayon::current_num_threads().max(1);
+    let inner = if tasks < threads {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    with_f32(&x, |xs| {
+        with_f32(&w, |ws| {
+            let bias_data = match &bias {
+                Some(t) => with_f32(t, |v| Ok(v.to_vec()))?,
+                None => Vec::new(),
+            };
+            let mut out: Vec<f32> = Vec::with_capacity(b * co * plane_out);
+            // Addresses as integers so that the tasks can share them; see the SAFETY below.
+            let out_addr = out.as_mut_ptr() as usize;
+            let run = |patch: &mut Vec<f32>, task: usize| {
+                let (bi, y0) = (task / strips, (task % strips) * rows);
+                let n_rows = rows.min(h - y0);
+                let n = n_rows * wd;
+                patch.resize(k * n, 0.0);
+                let image = &xs[bi * ci * plane_in..(bi + 1) * ci * plane_in];
+                for (r, dst) in patch.chunks_exact_mut(n).enumerate() {
+                    let (c, kh, kw) = (r / 9, r % 9 / 3, r % 3);
+                    let plane = &image[c * plane_in..(c + 1) * plane_in];
+                    for (y, d) in dst.chunks_exact_mut(wd).enumerate() {
+                        let at = (y0 + y + kh) * wp + kw;
+                        d.copy_from_slice(&plane[at..at + wd]);
+                    }
+                }
+                let dst = (out_addr as *mut f32).wrapping_add(bi * co * plane_out + y0 * wd);
+                // SAFETY: this task alone writes the (Co, n) block at `dst` (rows of n values,
+                // plane_out apart), inside `out`'s capacity of B·Co·H·W; the bias fill writes
+                // the same block before gemm reads it back (accumulate), and without a bias
+                // gemm only writes it. The patch is (k, n) row-major and w (Co, k) row-major.
+                unsafe {
+                    if !bias_data.is_empty() {
+                        for (j, &v) in bias_data.iter().enumerate() {
+                            std::slice::from_raw_parts_mut(dst.add(j * plane_out), n).fill(v);
+                        }
+                    }
+                    gemm_strided(
+                        (co, n, k),
+                        (dst, plane_out, 1),
+                        (ws.as_ptr(), k, 1),
+                        (patch.as_ptr(), n, 1),
+                        !bias_data.is_empty(),
+                        inner,
+                    );
+                }
+            };
+            if tasks < threads {
+                let mut patch = Vec::new();
+                (0..tasks).for_each(|t| run(&mut patch, t));
+            } else {
+                (0..tasks).into_par_iter().for_each_init(Vec::new, run);
+            }
+            // SAFETY: the tasks above wrote every one of the B·Co·H·W values.
+            unsafe { out.set_len(b * co * plane_out) };
+            output(out, (b, co, h, wd))
+        })
+    })
+}
+
 /// [`gemm_strided`] on the calling thread alone.
 ///
 /// # Safety
@@ -932,6 +1043,47 @@ mod tests {
 
     fn randn(shape: &[usize]) -> Tensor {
         Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn conv3x3_matches_candle() {
+        // (batch, in, out, padded height, padded width): one strip, several strips with a
+        // short last one, a batch of two, a one-pixel output.
+        for (b, ci, co, hp, wp) in [
+            (1, 3, 5, 6, 7),
+            (1, 64, 8, 40, 34),
+            (2, 16, 12, 130, 20),
+            (1, 4, 2, 3, 3),
+        ] {
+            let x = randn(&[b, ci, hp, wp]);
+            let w = randn(&[co, ci, 3, 3]);
+            let bias = randn(&[co]);
+            let plain = x.conv2d(&w, 0, 1, 1, 1).unwrap();
+            let with_bias = plain
+                .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
+                .unwrap();
+            assert!(rel(&conv3x3_valid(&x, &w, None).unwrap(), &plain) < 1e-6);
+            assert!(rel(&conv3x3_valid(&x, &w, Some(&bias)).unwrap(), &with_bias) < 1e-6);
+            // A strided view and another dtype give the same values.
+            let xt = x
+                .transpose(2, 3)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .transpose(2, 3)
+                .unwrap();
+            assert!(rel(&conv3x3_valid(&xt, &w, Some(&bias)).unwrap(), &with_bias) < 1e-6);
+            let f64_out = conv3x3_valid(
+                &x.to_dtype(DType::F64).unwrap(),
+                &w.to_dtype(DType::F64).unwrap(),
+                Some(&bias.to_dtype(DType::F64).unwrap()),
+            )
+            .unwrap();
+            assert!(rel(&f64_out.to_dtype(DType::F32).unwrap(), &with_bias) < 1e-6);
+        }
+        let x = randn(&[1, 3, 6, 6]);
+        assert!(conv3x3_valid(&x, &randn(&[4, 2, 3, 3]), None).is_err());
+        assert!(conv3x3_valid(&x, &randn(&[4, 3, 3, 3]), Some(&randn(&[3]))).is_err());
     }
 
     #[test]

@@ -19,16 +19,25 @@
 //! when `i < h % N` (the first members carry the remainder); upsampling doubles every band, so
 //! the same split holds at every resolution. Each member needs at least one latent row.
 //!
+//! The serial decode ([`crate::vae::AutoencoderKL::decode`]) is this decoder on one band, the
+//! whole image ([`ParallelVaeDecoder::decode_whole`]).
+//!
 //! Why this decoder is written here, against diffusers' `AutoencoderKL` weight layout, rather
-//! than reusing candle-transformers' Stable Diffusion VAE (which [`crate::vae::AutoencoderKL`]
-//! uses for the serial decode): candle's `Decoder` and its blocks are private, and its
-//! convolutions and norms run on a whole tensor with no hook for exchanging halo rows or
-//! reducing statistics across ranks. The layers below are candle_nn's (`Conv2d`, `Linear`,
-//! `softmax`); only the band bookkeeping and the cross-band exchanges are ours.
+//! than reusing candle-transformers' Stable Diffusion VAE (kept as the independent reference
+//! the tests and benchmarks compare with, [`crate::vae::AutoencoderKL::decode_candle`]):
+//! candle's `Decoder` and its blocks are private, and its convolutions and norms run on a
+//! whole tensor with no hook for exchanging halo rows or reducing statistics across ranks.
+//! On one band it also serves the serial decode better than candle's: its 3×3 convolutions
+//! go through [`xfuser_core::kernels::conv3x3_valid`] (candle's CPU convolution is several
+//! times slower), and its attention never holds the whole score matrix (16 GiB at 2048 px).
+//! The other layers are candle_nn's (`Linear`, `softmax`); only the band bookkeeping and the
+//! cross-band exchanges are ours.
 
 use candle_core::{DType, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, Module, VarBuilder};
-use xfuser_core::distributed::ProcessGroup;
+use std::time::Duration;
+
+use xfuser_core::distributed::{CommStats, LocalWorld, ProcessGroup};
 use xfuser_core::{Error, Result};
 
 use crate::vae::VaeConfig;
@@ -157,8 +166,8 @@ impl Band<'_> {
     }
 }
 
-/// A 3×3, padding-1 convolution on a band: candle's convolution without padding over the band
-/// with its halo.
+/// A 3×3, padding-1 convolution on a band: a convolution without padding over the band with
+/// its halo ([`xfuser_core::kernels::conv3x3_valid`], candle's `conv2d` off the f32 CPU path).
 struct BandConv(Conv2d);
 
 impl BandConv {
@@ -173,7 +182,11 @@ impl BandConv {
     }
 
     fn forward(&self, x: &Tensor, band: &Band) -> Result<Tensor> {
-        Ok(self.0.forward(&band.with_halo(x)?)?)
+        Ok(xfuser_core::kernels::conv3x3_valid(
+            &band.with_halo(x)?,
+            self.0.weight(),
+            self.0.bias(),
+        )?)
     }
 }
 
@@ -442,6 +455,20 @@ impl ParallelVaeDecoder {
         }
     }
 
+    /// `vae.decode(z)` in this process alone: the whole image as one band, on a group of one.
+    pub fn decode_whole(&self, z: &Tensor) -> Result<Tensor> {
+        // A one-member group never communicates (no neighbours, nothing to reduce); the
+        // timeout is never waited on.
+        let world = LocalWorld::new(1, Duration::from_secs(60));
+        let mut comms = world.new_group("vae[0]", &[0])?;
+        let comm = comms
+            .pop()
+            .ok_or_else(|| Error::invalid("no rank in a one-rank group"))?;
+        let group = ProcessGroup::new("vae[0]", vec![0], 0, comm, CommStats::new())?;
+        self.decode(z, &group)?
+            .ok_or_else(|| Error::invalid("the one-member VAE decode returned no image"))
+    }
+
     /// Decodes this member's band `z` (B, latent_channels, split.len(index), w) of a latent
     /// image split by `split` over `group`, returning its band of the image.
     pub fn decode_band(&self, z: &Tensor, group: &ProcessGroup, split: RowSplit) -> Result<Tensor> {
@@ -486,8 +513,8 @@ fn gather_to_first(band: &Tensor, group: &ProcessGroup) -> Result<Option<Tensor>
 /// Which decode [`peak_activation_bytes`] measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecodeKind {
-    /// The serial decode ([`AutoencoderKL::decode`], candle-transformers' decoder).
-    Serial,
+    /// candle-transformers' decoder ([`AutoencoderKL::decode_candle`]), the reference.
+    Candle,
     /// The band-split decode on this many ranks.
     Bands(usize),
 }
@@ -517,7 +544,7 @@ pub fn peak_activation_bytes(
         ));
     }
     let ranks = match kind {
-        DecodeKind::Serial => 1,
+        DecodeKind::Candle => 1,
         DecodeKind::Bands(n) => n,
     };
     if ranks + 1 >= xfuser_core::alloc::MAX_TAGS {
@@ -526,7 +553,7 @@ pub fn peak_activation_bytes(
             xfuser_core::alloc::MAX_TAGS - 2
         )));
     }
-    if kind != DecodeKind::Serial {
+    if kind != DecodeKind::Candle {
         vae.parallel_decoder()?;
     }
     let mesh = RankMesh::new(&xfuser_core::engine::ParallelConfig {
@@ -543,7 +570,7 @@ pub fn peak_activation_bytes(
         reset_peak(tag);
         let (start, _) = tag_stats(tag);
         let image = match kind {
-            DecodeKind::Serial => Some(vae.decode(z)?),
+            DecodeKind::Candle => Some(vae.decode_candle(z)?),
             DecodeKind::Bands(_) => vae.decode_parallel(z, ctx.world())?,
         };
         let (_, peak) = tag_stats(tag);

@@ -221,11 +221,12 @@ pub fn decode_dtype(dtype: DType, device: &Device) -> DType {
 ///
 /// Loading checks every weight either decoder needs (present, right shape) but keeps none:
 /// each decoder reads its weights on first use, so a process that never decodes (a rank that
-/// does not lead its data-parallel group) holds no VAE weights, and one that decodes with
-/// `--use-parallel-vae` holds only the band decoder's.
+/// does not lead its data-parallel group) holds no VAE weights, and one that decodes (alone or
+/// with `--use-parallel-vae`) holds only the band decoder's.
 pub struct AutoencoderKL {
     config: VaeConfig,
-    /// candle-transformers' whole VAE (the encoder too), built on the first serial decode.
+    /// candle-transformers' whole VAE (the encoder too), built on the first
+    /// [`Self::decode_candle`].
     model: Mutex<Option<Arc<AutoEncoderKL>>>,
     dtype: DType,
     dir: PathBuf,
@@ -233,8 +234,8 @@ pub struct AutoencoderKL {
     /// errors).
     vb: VarBuilder<'static>,
     weights: Option<WeightFiles>,
-    /// The band-split decoder of `--use-parallel-vae`, built from the same weights on first
-    /// use (a second copy of the decoder's weights, so only runs that use it pay for it).
+    /// The band-split decoder (every decode: one band alone, a band per rank with
+    /// `--use-parallel-vae`), built from the same weights on first use.
     parallel: Mutex<Option<Arc<ParallelVaeDecoder>>>,
 }
 
@@ -336,8 +337,19 @@ impl AutoencoderKL {
     }
 
     /// `vae.decode(z)` on latents already unscaled: (B, latent_channels, h, w) ->
-    /// (B, out_channels, h * f, w * f), f = [`Self::vae_scale_factor`].
+    /// (B, out_channels, h * f, w * f), f = [`Self::vae_scale_factor`]. The band decoder of
+    /// [`crate::parallel_vae`] on one band (why: that module's documentation).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        self.check_channels(z)?;
+        self.parallel_decoder()?
+            .decode_whole(&z.to_dtype(self.dtype)?)
+    }
+
+    /// [`Self::decode`] by candle-transformers' Stable Diffusion decoder: the independent
+    /// reference the tests and `xfuser-bench vae` compare the band decoder with. Its CPU
+    /// convolutions are several times slower, and at 2048 px its attention scores alone need
+    /// 2 × 16 GiB.
+    pub fn decode_candle(&self, z: &Tensor) -> Result<Tensor> {
         self.check_channels(z)?;
         let z = z.to_dtype(self.dtype)?;
         // One batch entry at a time: candle 0.11.1's CPU matmul folds a batch into the rows of
