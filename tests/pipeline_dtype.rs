@@ -18,7 +18,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use xfuser::core::engine::{EngineConfig, InputConfig, OutputType, RgbImage};
+use xfuser::core::engine::{EngineConfig, InputConfig, OutputType, ParallelConfig, RgbImage};
 use xfuser::core::testing::{fixtures_dir, images_max_abs_diff, load_goldens, read_case, rel_l2};
 use xfuser::pipelines::xFuserPipeline;
 
@@ -64,14 +64,9 @@ fn image_tolerance(dtype: DType) -> (f64, f64) {
     }
 }
 
-fn check(family: &str, name: &str, dtype: DType) {
-    let dir: PathBuf = fixtures_dir().join(family);
-    let case: Case = read_case(&dir.join("goldens/cases.json"), name).expect("case");
-    let golden = load_goldens(&dir.join(format!("goldens/{name}.safetensors"))).expect("goldens");
-    let mut engine = EngineConfig::new(dir.join(&case.model).to_string_lossy());
-    engine.model.dtype = dtype;
-    let pipeline = xFuserPipeline::from_pretrained(&engine).expect("from_pretrained");
-    let input = |output_type| InputConfig {
+/// The request of `case` with `output_type`.
+fn request(case: &Case, output_type: OutputType) -> InputConfig {
+    InputConfig {
         prompts: case.prompts.clone(),
         negative_prompt: case.negative_prompt.clone(),
         true_cfg_scale: case.true_cfg_scale,
@@ -84,7 +79,17 @@ fn check(family: &str, name: &str, dtype: DType) {
         max_sequence_length: Some(case.max_sequence_length),
         use_resolution_binning: case.use_resolution_binning,
         ..Default::default()
-    };
+    }
+}
+
+fn check(family: &str, name: &str, dtype: DType) {
+    let dir: PathBuf = fixtures_dir().join(family);
+    let case: Case = read_case(&dir.join("goldens/cases.json"), name).expect("case");
+    let golden = load_goldens(&dir.join(format!("goldens/{name}.safetensors"))).expect("goldens");
+    let mut engine = EngineConfig::new(dir.join(&case.model).to_string_lossy());
+    engine.model.dtype = dtype;
+    let pipeline = xFuserPipeline::from_pretrained(&engine).expect("from_pretrained");
+    let input = |output_type| request(&case, output_type);
 
     let out = pipeline
         .generate(&input(OutputType::Latent), &mut |_, _| {})
@@ -124,6 +129,91 @@ fn check(family: &str, name: &str, dtype: DType) {
         "{family}/{name} {dtype:?}: image differs by {:.2}/255",
         worst * 255.0
     );
+}
+
+/// Half precision under the parallel methods (tiny PixArt-α, 20 steps with CFG, f16): each
+/// method's final latents against the serial f16 run of the same request and against
+/// diffusers' f32 ones, and its decoded image against the serial f16 image. The methods split
+/// or reorder the same products (CFG streams, heads, key blocks, layers, weight shards, image
+/// rows), so they differ from the serial f16 run by f16 rounding alone. Measured: CFG,
+/// Ulysses, PipeFusion and the parallel VAE give the serial f16 latents and image exactly;
+/// Ring 2.7e-4 and TP 4.1e-4 (their attention merges and all-reduces round differently),
+/// at most 1/255 per pixel. Asserted: ≤ 2e-3 from the serial f16 latents, ≤ 2/255 per pixel,
+/// and against diffusers' f32 latents still f16's error (above 1e-5, at most 1e-2).
+#[test]
+fn f16_under_the_parallel_methods_matches_the_serial_f16_run() {
+    let dir = fixtures_dir().join("pipelines");
+    let case: Case = read_case(&dir.join("goldens/cases.json"), "alpha_square_cfg").expect("case");
+    let golden = load_goldens(&dir.join("goldens/alpha_square_cfg.safetensors")).expect("goldens");
+    let run = |parallel: ParallelConfig, parallel_vae: bool| {
+        let mut engine = EngineConfig::new(dir.join(&case.model).to_string_lossy());
+        engine.model.dtype = DType::F16;
+        engine.parallel = parallel;
+        engine.runtime.use_parallel_vae = parallel_vae;
+        let pipeline = xFuserPipeline::from_pretrained(&engine).expect("from_pretrained");
+        pipeline
+            .generate(&request(&case, OutputType::Pil), &mut |_, _| {})
+            .expect("generate")
+    };
+    let serial = run(ParallelConfig::default(), false);
+    let serial_image = images_tensor(&serial.images);
+    let degrees = |f: &dyn Fn(&mut ParallelConfig)| {
+        let mut p = ParallelConfig {
+            // Every step a warmup step: PipeFusion computes the serial run's products.
+            warmup_steps: case.num_inference_steps,
+            ..Default::default()
+        };
+        f(&mut p);
+        p
+    };
+    let methods: [(&str, ParallelConfig, bool); 6] = [
+        ("cfg", degrees(&|p| p.use_cfg_parallel = true), false),
+        ("ulysses 2", degrees(&|p| p.ulysses_degree = 2), false),
+        ("ring 2", degrees(&|p| p.ring_degree = 2), false),
+        (
+            "pipefusion 2",
+            degrees(&|p| p.pipefusion_parallel_degree = 2),
+            false,
+        ),
+        ("tp 2", degrees(&|p| p.tensor_parallel_degree = 2), false),
+        (
+            "cfg x ulysses 2, parallel VAE",
+            degrees(&|p| {
+                p.use_cfg_parallel = true;
+                p.ulysses_degree = 2;
+            }),
+            true,
+        ),
+    ];
+    for (name, parallel, parallel_vae) in methods {
+        let out = run(parallel, parallel_vae);
+        assert_eq!(
+            out.latents.dtype(),
+            DType::F32,
+            "{name}: latents stay in f32"
+        );
+        let vs_serial = rel_l2(&out.latents, &serial.latents).unwrap();
+        let vs_f32 = rel_l2(&out.latents, &golden["latents"]).unwrap();
+        let pixels = images_max_abs_diff(&out.images, &serial_image).unwrap();
+        println!(
+            "f16 {name}: latents rel L2 {vs_serial:.3e} vs serial f16, {vs_f32:.3e} vs f32; \
+             image max abs diff {:.2}/255 vs serial f16",
+            pixels * 255.0
+        );
+        assert!(
+            vs_serial <= 1e-2,
+            "{name}: {vs_serial:.3e} from the serial f16 run"
+        );
+        assert!(
+            vs_f32 > 1e-5 && vs_f32 <= 1e-2,
+            "{name}: {vs_f32:.3e} from f32"
+        );
+        assert!(
+            pixels <= 8.0 / 255.0,
+            "{name}: image differs by {:.2}/255",
+            pixels * 255.0
+        );
+    }
 }
 
 /// 8-bit images as one (B, H, W, 3) f32 tensor in [0, 1], diffusers' `output_type="np"`.

@@ -680,49 +680,236 @@ unsafe fn gemm_strided(
     );
 }
 
-/// Values of one task's patch matrix in [`conv3x3_valid`]: a strip of output rows is sized so
+multiversion! {
+    /// The sum of `x`, or with `centre` the sum of (x − centre)², in f64: f32 partial sums
+    /// over blocks of 1024 values (16 lanes each), added up in f64.
+    fn block_sums(x: &[f32], centre: f32, squares: bool, total: &mut f64) {
+        for block in x.chunks(1024) {
+            let mut lanes = [0f32; 16];
+            let mut parts = block.chunks_exact(16);
+            for part in parts.by_ref() {
+                for (l, &v) in lanes.iter_mut().zip(part) {
+                    let d = v - centre;
+                    *l += if squares { d * d } else { v };
+                }
+            }
+            let mut sum: f64 = lanes.iter().map(|&l| l as f64).sum();
+            for &v in parts.remainder() {
+                let d = v - centre;
+                sum += if squares { (d * d) as f64 } else { v as f64 };
+            }
+            *total += sum;
+        }
+    }
+}
+
+multiversion! {
+    /// out = (x − centre)·scale + shift, then SiLU (v / (1 + e^−v)) when `silu`.
+    fn centre_scale_silu(x: &[f32], centre: f32, scale: f32, shift: f32, silu: bool, out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            let y = (v - centre) * scale + shift;
+            *o = if silu { y / (1.0 + exp_f32(-y)) } else { y };
+        }
+    }
+}
+
+/// GroupNorm's statistics for `x` (B, C, …) whose C channels form `groups` consecutive groups:
+/// the per (batch, group) sums of x, or with `mean` (B, groups, 1) the sums of (x − mean)²,
+/// as a (B, groups, 1) f32 tensor. Sums are kept as sums (not divided) so that the bands of a
+/// split image can add theirs up before dividing (the patch-parallel VAE's all-reduce). On
+/// the kernel path they are accumulated in f64 from f32 partial sums.
+pub fn group_sums(x: &Tensor, groups: usize, mean: Option<&Tensor>) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    let c = x.dim(1)?;
+    if groups == 0 || c % groups != 0 {
+        candle_core::bail!("group_sums: {c} channels in {groups} groups");
+    }
+    let per_group = x.elem_count() / (b * groups).max(1);
+    if !fast_path(&[x]) || mean.is_some_and(|m| !fast_path(&[m])) {
+        let xg = x.reshape((b, groups, per_group))?.to_dtype(DType::F32)?;
+        return match mean {
+            Some(mean) => xg.broadcast_sub(mean)?.sqr()?.sum_keepdim(2),
+            None => xg.sum_keepdim(2),
+        };
+    }
+    let centres = match mean {
+        Some(m) => with_f32(&m.reshape((b * groups,))?.contiguous()?, |v| Ok(v.to_vec()))?,
+        None => vec![0.0; b * groups],
+    };
+    with_f32(x, |xs| {
+        let sums: Vec<f32> = xs
+            .par_chunks(per_group.max(1))
+            .zip(centres.par_iter())
+            .map(|(chunk, &centre)| {
+                let mut total = 0f64;
+                block_sums(chunk, centre, mean.is_some(), &mut total);
+                total as f32
+            })
+            .collect();
+        output(sums, (b, groups, 1))
+    })
+}
+
+/// GroupNorm's output, SiLU optionally fused: (x − mean) / sqrt(var + eps) · weight[c] +
+/// bias[c] for `x` (B, C, …), its channels in `groups` consecutive groups, `mean` and `var`
+/// (B, groups, 1) f32 (from [`group_sums`]), `weight` and `bias` (C); then SiLU when `silu`.
+/// One pass over x on the kernel path ((x − mean)·scale + bias[c] per channel, the centring
+/// first so that a large mean costs no precision); otherwise candle's ops, normalizing in f32
+/// and returning x's dtype.
+#[allow(clippy::too_many_arguments)] // GroupNorm's own parameters, all needed
+pub fn group_norm_apply(
+    x: &Tensor,
+    groups: usize,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+    weight: &Tensor,
+    bias: &Tensor,
+    silu: bool,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (b, c) = (x.dim(0)?, x.dim(1)?);
+    if groups == 0 || c % groups != 0 {
+        candle_core::bail!("group_norm_apply: {c} channels in {groups} groups");
+    }
+    let plane = x.elem_count() / (b * c).max(1);
+    let affine_shape: Vec<usize> = [1, c]
+        .into_iter()
+        .chain((2..dims.len()).map(|_| 1))
+        .collect();
+    if !fast_path(&[x, weight, bias]) || !is_cpu_f32(mean) || !is_cpu_f32(var) {
+        let xg = x
+            .reshape((b, groups, c / groups * plane))?
+            .to_dtype(DType::F32)?;
+        let normed = xg
+            .broadcast_sub(mean)?
+            .broadcast_div(&(var + eps)?.sqrt()?)?
+            .to_dtype(x.dtype())?
+            .reshape(dims.as_slice())?
+            .broadcast_mul(&weight.reshape(affine_shape.as_slice())?)?
+            .broadcast_add(&bias.reshape(affine_shape.as_slice())?)?;
+        return match silu {
+            true => candle_nn::ops::silu(&normed),
+            false => Ok(normed),
+        };
+    }
+    let stats = |t: &Tensor| with_f32(&t.reshape((b * groups,))?.contiguous()?, |v| Ok(v.to_vec()));
+    let (mean, var) = (stats(mean)?, stats(var)?);
+    with_f32(weight, |wv| {
+        with_f32(bias, |bv| {
+            with_f32(x, |xs| {
+                let mut out = vec![0f32; xs.len()];
+                out.par_chunks_mut(plane.max(1))
+                    .zip(xs.par_chunks(plane.max(1)))
+                    .enumerate()
+                    .for_each(|(i, (o, xp))| {
+                        let (bi, ch) = (i / c, i % c);
+                        let g = bi * groups + ch / (c / groups);
+                        let rstd = 1.0 / (var[g] as f64 + eps).sqrt();
+                        let scale = (rstd * wv[ch] as f64) as f32;
+                        centre_scale_silu(xp, mean[g], scale, bv[ch], silu, o);
+                    });
+                output(out, dims.as_slice())
+            })
+        })
+    })
+}
+
+/// Values of one task's patch matrix in [`conv3x3`]: a strip of output rows is sized so
 /// that its patch matrix stays near this (4 MiB; 1 MiB and 16 MiB were both slower on the VAE
 /// decoder).
 const CONV_PATCH_VALUES: usize = 1 << 20;
 
-/// A 3×3, stride-1 convolution without padding: `x` (B, Ci, H + 2, W + 2), already padded,
-/// `w` (Co, Ci, 3, 3), `bias` (Co) or none -> (B, Co, H, W); what candle's
-/// `x.conv2d(w, 0, 1, 1, 1)` computes, plus the bias.
+/// The input of [`conv3x3`]: `rows` (B, Ci, H, W) of an image, the image's rows just above
+/// and just below them (each (B, Ci, 1, W); None where the image ends, read as zeros, as a
+/// padding-1 convolution reads them), and whether the convolution reads all of it
+/// nearest-neighbour upsampled 2× in both directions (diffusers' `Upsample2D`: interpolate,
+/// then convolve), without the upsampled copy being made.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvInput<'a> {
+    pub rows: &'a Tensor,
+    pub above: Option<&'a Tensor>,
+    pub below: Option<&'a Tensor>,
+    pub upsample: bool,
+}
+
+impl<'a> ConvInput<'a> {
+    /// A whole image, not upsampled.
+    pub fn whole(x: &'a Tensor) -> Self {
+        Self {
+            rows: x,
+            above: None,
+            below: None,
+            upsample: false,
+        }
+    }
+}
+
+/// A 3×3, stride-1, padding-1 convolution of `input` with a (Co, Ci, 3, 3) weight and an
+/// optional (Co) bias -> (B, Co, H, W), or (B, Co, 2H, 2W) upsampled. For a whole image it is
+/// candle's `x.conv2d(w, 1, 1, 1, 1)` plus the bias (of `x.upsample_nearest2d(2H, 2W)` when
+/// upsampling); for a band of rows with its neighbours' rows, those rows of the whole image's
+/// (the patch-parallel VAE's halo).
 ///
 /// Written here because candle's CPU `conv2d` spends most of its time outside the matrix
 /// product: it transposes the whole input to channels-last and gathers each 3×3 patch value by
 /// value into tiles of 512 pixels, then scatters each tile's output back, which leaves the VAE
-/// decoder several times slower than PyTorch (docs/performance.md). Here the patch matrix of a
-/// strip of output rows, (9·Ci, rows·W) in the weight's (Ci, kh, kw) order, is built from whole
-/// image rows (one slice copy per input channel, kernel offset and output row), and one `gemm`
-/// per strip writes its (Co, rows·W) block straight into the output, bias included. Strips run
-/// in parallel; with fewer strips than threads, the product itself is parallel instead.
-pub fn conv3x3_valid(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let (b, ci, hp, wp) = x.dims4()?;
+/// decoder about twice as slow as with this kernel (docs/performance.md). Here the patch
+/// matrix of a strip of output rows, (9·Ci, rows·W) in the weight's (Ci, kh, kw) order, is
+/// built from whole image rows (a slice copy per input channel, kernel offset and output row;
+/// the padding written as zeros and the upsampling as repeated values, so neither a padded nor
+/// an upsampled copy of the input is made), and one `gemm` per strip writes its (Co, rows·W)
+/// block straight into the output, bias included. Strips run in parallel; with fewer strips
+/// than threads, the product itself is parallel.
+pub fn conv3x3(input: ConvInput, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let ConvInput {
+        rows: x,
+        above,
+        below,
+        upsample,
+    } = input;
+    let (b, ci, h_in, w_in) = x.dims4()?;
     let co = w.dim(0)?;
-    if w.dims() != [co, ci, 3, 3] || hp < 3 || wp < 3 {
+    if w.dims() != [co, ci, 3, 3] || h_in == 0 || w_in == 0 {
         candle_core::bail!(
-            "conv3x3_valid: input {:?} and weight {:?} do not make a 3x3 convolution",
+            "conv3x3: input {:?} and weight {:?} do not make a 3x3 convolution",
             x.dims(),
             w.dims()
         );
     }
-    if let Some(bias) = bias {
-        if bias.dims() != [co] {
-            candle_core::bail!("conv3x3_valid: bias {:?} for {co} channels", bias.dims());
+    for row in [above, below].into_iter().flatten() {
+        if row.dims() != [b, ci, 1, w_in] {
+            candle_core::bail!("conv3x3: halo row {:?} for rows {:?}", row.dims(), x.dims());
         }
     }
-    if !is_cpu_f32(x) || !is_cpu_f32(w) || bias.is_some_and(|t| !is_cpu_f32(t)) {
-        let out = x.conv2d(w, 0, 1, 1, 1)?;
+    if let Some(bias) = bias {
+        if bias.dims() != [co] {
+            candle_core::bail!("conv3x3: bias {:?} for {co} channels", bias.dims());
+        }
+    }
+    let factor = if upsample { 2 } else { 1 };
+    let (h, wd) = (factor * h_in, factor * w_in);
+    let on_kernel = [Some(x), above, below, Some(w), bias]
+        .into_iter()
+        .flatten()
+        .all(is_cpu_f32);
+    if !on_kernel {
+        let edge = |row: Option<&Tensor>| match row {
+            Some(r) => r.upsample_nearest2d(1, wd),
+            None => Tensor::zeros((b, ci, 1, wd), x.dtype(), x.device()),
+        };
+        let x = x.upsample_nearest2d(h, wd)?;
+        let padded = Tensor::cat(&[edge(above)?, x, edge(below)?], 2)?;
+        let out = padded.pad_with_zeros(3, 1, 1)?.conv2d(w, 0, 1, 1, 1)?;
         return match bias {
             Some(bias) => out.broadcast_add(&bias.reshape((1, co, 1, 1))?),
             None => Ok(out),
         };
     }
+    let contiguous = |t: Option<&Tensor>| t.map(|t| t.contiguous()).transpose();
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let bias = bias.map(|t| t.contiguous()).transpose()?;
-    let (h, wd) = (hp - 2, wp - 2);
-    let (plane_in, plane_out, k) = (hp * wp, h * wd, 9 * ci);
+    let (above, below, bias) = (contiguous(above)?, contiguous(below)?, contiguous(bias)?);
+    let (plane_in, plane, k) = (h_in * w_in, h * wd, 9 * ci);
     // At most a quarter of the image per strip, so that the patch matrices' memory scales
     // with the image (a rank's band) even where it is smaller than the budget.
     let rows = (CONV_PATCH_VALUES / (k * wd)).clamp(1, h.div_ceil(4));
@@ -734,46 +921,77 @@ pub fn conv3x3_valid(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
     } else {
         gemm::Parallelism::None
     };
+    let data = |t: &Option<Tensor>| match t {
+        Some(t) => with_f32(t, |v| Ok(v.to_vec())),
+        None => Ok(Vec::new()),
+    };
+    let (above, below, bias) = (data(&above)?, data(&below)?, data(&bias)?);
     with_f32(&x, |xs| {
         with_f32(&w, |ws| {
-            let bias_data = match &bias {
-                Some(t) => with_f32(t, |v| Ok(v.to_vec()))?,
-                None => Vec::new(),
-            };
-            let mut out: Vec<f32> = Vec::with_capacity(b * co * plane_out);
-            // Addresses as integers so that the tasks can share them; see the SAFETY below.
+            let mut out: Vec<f32> = Vec::with_capacity(b * co * plane);
+            // The address as an integer so that the tasks can share it; see the SAFETY below.
             let out_addr = out.as_mut_ptr() as usize;
             let run = |patch: &mut Vec<f32>, task: usize| {
                 let (bi, y0) = (task / strips, (task % strips) * rows);
-                let n_rows = rows.min(h - y0);
-                let n = n_rows * wd;
+                let n = rows.min(h - y0) * wd;
                 patch.resize(k * n, 0.0);
-                let image = &xs[bi * ci * plane_in..(bi + 1) * ci * plane_in];
                 for (r, dst) in patch.chunks_exact_mut(n).enumerate() {
                     let (c, kh, kw) = (r / 9, r % 9 / 3, r % 3);
-                    let plane = &image[c * plane_in..(c + 1) * plane_in];
+                    let channel = bi * ci + c;
+                    let edge = channel * w_in..(channel + 1) * w_in;
                     for (y, d) in dst.chunks_exact_mut(wd).enumerate() {
-                        let at = (y0 + y + kh) * wp + kw;
-                        d.copy_from_slice(&plane[at..at + wd]);
+                        // Output row y0 + y reads (upsampled) input row y0 + y + kh - 1 of
+                        // the padded image: -1 is `above`, h is `below` (empty, so no row,
+                        // when not given).
+                        let src: Option<&[f32]> = match y0 + y + kh {
+                            0 => above.get(edge.clone()),
+                            t if t == h + 1 => below.get(edge.clone()),
+                            t => {
+                                let at = channel * plane_in + (t - 1) / factor * w_in;
+                                Some(&xs[at..at + w_in])
+                            }
+                        };
+                        match (src, kw, upsample) {
+                            (None, _, _) => d.fill(0.0),
+                            (Some(s), 0, false) => {
+                                d[0] = 0.0;
+                                d[1..].copy_from_slice(&s[..wd - 1]);
+                            }
+                            (Some(s), 1, false) => d.copy_from_slice(s),
+                            (Some(s), _, false) => {
+                                d[..wd - 1].copy_from_slice(&s[1..]);
+                                d[wd - 1] = 0.0;
+                            }
+                            // Column j reads upsampled column j + kw - 1, which is input
+                            // column (j + kw - 1) / 2, or padding outside 0..2·w_in.
+                            (Some(s), _, true) => {
+                                for (j, o) in d.iter_mut().enumerate() {
+                                    let q = j + kw;
+                                    *o = if q == 0 || q > wd {
+                                        0.0
+                                    } else {
+                                        s[(q - 1) / 2]
+                                    };
+                                }
+                            }
+                        }
                     }
                 }
-                let dst = (out_addr as *mut f32).wrapping_add(bi * co * plane_out + y0 * wd);
+                let dst = (out_addr as *mut f32).wrapping_add(bi * co * plane + y0 * wd);
                 // SAFETY: this task alone writes the (Co, n) block at `dst` (rows of n values,
-                // plane_out apart), inside `out`'s capacity of B·Co·H·W; the bias fill writes
+                // `plane` apart), inside `out`'s capacity of B·Co·H·W; the bias fill writes
                 // the same block before gemm reads it back (accumulate), and without a bias
                 // gemm only writes it. The patch is (k, n) row-major and w (Co, k) row-major.
                 unsafe {
-                    if !bias_data.is_empty() {
-                        for (j, &v) in bias_data.iter().enumerate() {
-                            std::slice::from_raw_parts_mut(dst.add(j * plane_out), n).fill(v);
-                        }
+                    for (j, &v) in bias.iter().enumerate() {
+                        std::slice::from_raw_parts_mut(dst.add(j * plane), n).fill(v);
                     }
                     gemm_strided(
                         (co, n, k),
-                        (dst, plane_out, 1),
+                        (dst, plane, 1),
                         (ws.as_ptr(), k, 1),
                         (patch.as_ptr(), n, 1),
-                        !bias_data.is_empty(),
+                        !bias.is_empty(),
                         inner,
                     );
                 }
@@ -785,7 +1003,7 @@ pub fn conv3x3_valid(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
                 (0..tasks).into_par_iter().for_each_init(Vec::new, run);
             }
             // SAFETY: the tasks above wrote every one of the B·Co·H·W values.
-            unsafe { out.set_len(b * co * plane_out) };
+            unsafe { out.set_len(b * co * plane) };
             output(out, (b, co, h, wd))
         })
     })
@@ -1046,44 +1264,144 @@ mod tests {
     }
 
     #[test]
-    fn conv3x3_matches_candle() {
-        // (batch, in, out, padded height, padded width): one strip, several strips with a
-        // short last one, a batch of two, a one-pixel output.
-        for (b, ci, co, hp, wp) in [
-            (1, 3, 5, 6, 7),
-            (1, 64, 8, 40, 34),
-            (2, 16, 12, 130, 20),
-            (1, 4, 2, 3, 3),
+    fn conv3x3_matches_candle_on_whole_images_and_bands() {
+        // (batch, in, out, height, width): one strip, several strips with a short last one, a
+        // batch of two, a one-pixel image; each plain and upsampled.
+        for (b, ci, co, h, w) in [
+            (1, 3, 5, 4, 5),
+            (1, 64, 8, 38, 32),
+            (2, 16, 12, 64, 18),
+            (1, 4, 2, 1, 1),
         ] {
-            let x = randn(&[b, ci, hp, wp]);
-            let w = randn(&[co, ci, 3, 3]);
-            let bias = randn(&[co]);
-            let plain = x.conv2d(&w, 0, 1, 1, 1).unwrap();
-            let with_bias = plain
-                .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
-                .unwrap();
-            assert!(rel(&conv3x3_valid(&x, &w, None).unwrap(), &plain) < 1e-6);
-            assert!(rel(&conv3x3_valid(&x, &w, Some(&bias)).unwrap(), &with_bias) < 1e-6);
-            // A strided view and another dtype give the same values.
-            let xt = x
-                .transpose(2, 3)
-                .unwrap()
-                .contiguous()
-                .unwrap()
-                .transpose(2, 3)
-                .unwrap();
-            assert!(rel(&conv3x3_valid(&xt, &w, Some(&bias)).unwrap(), &with_bias) < 1e-6);
-            let f64_out = conv3x3_valid(
-                &x.to_dtype(DType::F64).unwrap(),
-                &w.to_dtype(DType::F64).unwrap(),
-                Some(&bias.to_dtype(DType::F64).unwrap()),
-            )
-            .unwrap();
-            assert!(rel(&f64_out.to_dtype(DType::F32).unwrap(), &with_bias) < 1e-6);
+            for upsample in [false, true] {
+                let x = randn(&[b, ci, h, w]);
+                let wt = randn(&[co, ci, 3, 3]);
+                let bias = randn(&[co]);
+                let f = if upsample { 2 } else { 1 };
+                let plain = x
+                    .upsample_nearest2d(f * h, f * w)
+                    .unwrap()
+                    .conv2d(&wt, 1, 1, 1, 1)
+                    .unwrap();
+                let with_bias = plain
+                    .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
+                    .unwrap();
+                let input = |rows, above, below| ConvInput {
+                    rows,
+                    above,
+                    below,
+                    upsample,
+                };
+                let whole = input(&x, None, None);
+                let what = format!("{b}x{ci}x{h}x{w} upsample {upsample}");
+                assert!(
+                    rel(&conv3x3(whole, &wt, None).unwrap(), &plain) < 1e-6,
+                    "{what}"
+                );
+                let got = conv3x3(whole, &wt, Some(&bias)).unwrap();
+                assert!(rel(&got, &with_bias) < 1e-6, "{what}");
+                // A strided view gives the same values.
+                let xt = x.transpose(2, 3).unwrap().contiguous().unwrap();
+                let xt = xt.transpose(2, 3).unwrap();
+                let got = conv3x3(input(&xt, None, None), &wt, Some(&bias)).unwrap();
+                assert!(rel(&got, &with_bias) < 1e-6, "{what}, strided");
+                // Bands of rows with their neighbours' rows (top, middle, bottom), on the
+                // kernel (f32) and on candle's path (f64).
+                let bands = match h >= 3 {
+                    true => vec![(0, h / 3), (h / 3, 2 * h / 3), (2 * h / 3, h), (0, h)],
+                    false => vec![(0, h)],
+                };
+                for (from, to) in bands {
+                    let expect = with_bias.narrow(2, f * from, f * (to - from)).unwrap();
+                    for dt in [DType::F32, DType::F64] {
+                        let x = x.to_dtype(dt).unwrap();
+                        let row = |r: usize| x.narrow(2, r, 1).unwrap();
+                        let above = (from > 0).then(|| row(from - 1));
+                        let below = (to < h).then(|| row(to));
+                        let rows = x.narrow(2, from, to - from).unwrap();
+                        let band = ConvInput {
+                            rows: &rows,
+                            above: above.as_ref(),
+                            below: below.as_ref(),
+                            upsample,
+                        };
+                        let got = conv3x3(
+                            band,
+                            &wt.to_dtype(dt).unwrap(),
+                            Some(&bias.to_dtype(dt).unwrap()),
+                        )
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap();
+                        assert!(
+                            rel(&got, &expect) < 1e-6,
+                            "{what}: rows {from}..{to} {dt:?}"
+                        );
+                    }
+                }
+            }
         }
         let x = randn(&[1, 3, 6, 6]);
-        assert!(conv3x3_valid(&x, &randn(&[4, 2, 3, 3]), None).is_err());
-        assert!(conv3x3_valid(&x, &randn(&[4, 3, 3, 3]), Some(&randn(&[3]))).is_err());
+        let whole = ConvInput::whole(&x);
+        assert!(conv3x3(whole, &randn(&[4, 2, 3, 3]), None).is_err());
+        assert!(conv3x3(whole, &randn(&[4, 3, 3, 3]), Some(&randn(&[3]))).is_err());
+        let wrong_row = randn(&[1, 3, 1, 5]);
+        let halo = ConvInput {
+            above: Some(&wrong_row),
+            ..whole
+        };
+        assert!(conv3x3(halo, &randn(&[4, 3, 3, 3]), None).is_err());
+    }
+
+    #[test]
+    fn group_norm_kernels_match_candle_ops() {
+        for (b, c, h, w, groups) in [(1, 32, 9, 7, 8), (2, 64, 33, 40, 32), (1, 4, 1, 1, 2)] {
+            let x = ((randn(&[b, c, h, w]) * 3.0).unwrap() + 50.0).unwrap();
+            let weight = randn(&[c]);
+            let bias = randn(&[c]);
+            let per = c / groups * h * w;
+            let xg = x.reshape((b, groups, per)).unwrap();
+            let sums = xg.sum_keepdim(2).unwrap();
+            let mean = (&sums / per as f64).unwrap();
+            let squares = xg
+                .broadcast_sub(&mean)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_keepdim(2)
+                .unwrap();
+            let var = (&squares / per as f64).unwrap();
+            assert!(rel(&group_sums(&x, groups, None).unwrap(), &sums) < 1e-6);
+            assert!(rel(&group_sums(&x, groups, Some(&mean)).unwrap(), &squares) < 1e-6);
+            let norm =
+                candle_nn::GroupNorm::new(weight.clone(), bias.clone(), c, groups, 1e-6).unwrap();
+            let expect = candle_core::Module::forward(&norm, &x).unwrap();
+            for silu in [false, true] {
+                let expect = match silu {
+                    true => candle_nn::ops::silu(&expect).unwrap(),
+                    false => expect.clone(),
+                };
+                let got =
+                    group_norm_apply(&x, groups, &mean, &var, 1e-6, &weight, &bias, silu).unwrap();
+                assert!(rel(&got, &expect) < 1e-6, "{b}x{c}x{h}x{w} silu {silu}");
+                // candle's path (f64 input) agrees too.
+                let x64 = x.to_dtype(DType::F64).unwrap();
+                let (w64, b64) = (
+                    weight.to_dtype(DType::F64).unwrap(),
+                    bias.to_dtype(DType::F64).unwrap(),
+                );
+                let mean64 = group_sums(&x64, groups, None).unwrap();
+                let mean64 = (mean64 / per as f64).unwrap();
+                let var64 =
+                    (group_sums(&x64, groups, Some(&mean64)).unwrap() / per as f64).unwrap();
+                let got = group_norm_apply(&x64, groups, &mean64, &var64, 1e-6, &w64, &b64, silu)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap();
+                assert!(rel(&got, &expect) < 1e-6, "f64, silu {silu}");
+            }
+        }
+        assert!(group_sums(&randn(&[1, 6, 2, 2]), 4, None).is_err());
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! What crosses the bands, and how:
 //! - a 3×3 convolution (padding 1) reads one row above and one below each output row: before
 //!   each one, members swap their edge rows with their neighbours (posted sends and receives,
-//!   a "halo"); the first and last members pad with zero rows, as the serial padding does;
+//!   a "halo"); the first and last members read zero rows at the image's edges, as the
+//!   serial padding does;
 //! - GroupNorm's statistics are over the whole image: per-group sums are all-reduced (in f32),
 //!   first for the mean, then the centred sums of squares for the variance (the same two-pass
 //!   variance as candle's serial GroupNorm, so the results agree to f32 rounding);
@@ -13,7 +14,9 @@
 //!   own rows and gathers the keys and values of all rows (bands padded to the longest for the
 //!   all-gather), and computes its scores a chunk of queries at a time, so the score matrix,
 //!   the largest activation of a high-resolution serial decode, is never whole;
-//! - nearest-neighbour upsampling and 1×1 convolutions need nothing from other rows.
+//! - nearest-neighbour upsampling and 1×1 convolutions need nothing from other rows; the
+//!   upsampling is read by the convolution after it (an upsampled band's edge rows are the
+//!   band's edge rows repeated, so the halo is exchanged before upsampling, half as wide).
 //!
 //! Rows are split as evenly as they go: member i of N gets `h / N` latent rows, and one more
 //! when `i < h % N` (the first members carry the remainder); upsampling doubles every band, so
@@ -28,7 +31,7 @@
 //! candle's `Decoder` and its blocks are private, and its convolutions and norms run on a
 //! whole tensor with no hook for exchanging halo rows or reducing statistics across ranks.
 //! On one band it also serves the serial decode better than candle's: its 3×3 convolutions
-//! go through [`xfuser_core::kernels::conv3x3_valid`] (candle's CPU convolution is several
+//! go through [`xfuser_core::kernels::conv3x3`] (candle's CPU convolution is several
 //! times slower), and its attention never holds the whole score matrix (16 GiB at 2048 px).
 //! The other layers are candle_nn's (`Linear`, `softmax`); only the band bookkeeping and the
 //! cross-band exchanges are ours.
@@ -38,6 +41,7 @@ use candle_nn::{Conv2d, Conv2dConfig, Linear, Module, VarBuilder};
 use std::time::Duration;
 
 use xfuser_core::distributed::{CommStats, LocalWorld, ProcessGroup};
+use xfuser_core::kernels;
 use xfuser_core::{Error, Result};
 
 use crate::vae::VaeConfig;
@@ -101,10 +105,11 @@ struct Band<'a> {
 }
 
 impl Band<'_> {
-    /// `x` (B, C, rows, W) with the neighbours' edge rows above and below (zeros at the image
-    /// edges) and one zero column either side: what a 3×3, padding-1 convolution reads.
-    fn with_halo(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, rows, w) = x.dims4()?;
+    /// The neighbours' edge rows just above and below this member's rows `x` (B, C, rows, W),
+    /// each (B, C, 1, W); None at the image's edges (where a padding-1 convolution reads
+    /// zeros). What a 3×3 convolution of the band reads besides the band.
+    fn halo_rows(&self, x: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let rows = x.dim(2)?;
         let (i, n) = (self.group.index(), self.group.size());
         // Receives are posted before the sends so that neither side waits on the other.
         let from_above = (i > 0).then(|| self.group.irecv(i - 1)).transpose()?;
@@ -119,19 +124,12 @@ impl Band<'_> {
                     .isend(&x.narrow(2, rows - 1, 1)?.contiguous()?, i + 1)?,
             );
         }
-        let zeros = || Tensor::zeros((b, c, 1, w), x.dtype(), x.device());
-        let above = match from_above {
-            Some(r) => r.wait()?,
-            None => zeros()?,
-        };
-        let below = match from_below {
-            Some(r) => r.wait()?,
-            None => zeros()?,
-        };
+        let above = from_above.map(|r| r.wait()).transpose()?;
+        let below = from_below.map(|r| r.wait()).transpose()?;
         for s in sends {
             s.wait()?;
         }
-        Ok(Tensor::cat(&[&above, x, &below], 2)?.pad_with_zeros(3, 1, 1)?)
+        Ok((above, below))
     }
 
     fn all_reduce(&self, t: &Tensor) -> Result<Tensor> {
@@ -166,8 +164,8 @@ impl Band<'_> {
     }
 }
 
-/// A 3×3, padding-1 convolution on a band: a convolution without padding over the band with
-/// its halo ([`xfuser_core::kernels::conv3x3_valid`], candle's `conv2d` off the f32 CPU path).
+/// A 3×3, padding-1 convolution on a band: [`kernels::conv3x3`] of the band's rows with its
+/// neighbours' edge rows, upsampled first for an upsampler's.
 struct BandConv(Conv2d);
 
 impl BandConv {
@@ -181,12 +179,17 @@ impl BandConv {
         )?))
     }
 
-    fn forward(&self, x: &Tensor, band: &Band) -> Result<Tensor> {
-        Ok(xfuser_core::kernels::conv3x3_valid(
-            &band.with_halo(x)?,
-            self.0.weight(),
-            self.0.bias(),
-        )?)
+    /// The convolution of the band `x` of `band` (`upsample`: of `x` upsampled 2×; the
+    /// caller then continues on the upsampled split).
+    fn forward(&self, x: &Tensor, band: &Band, upsample: bool) -> Result<Tensor> {
+        let (above, below) = band.halo_rows(x)?;
+        let input = kernels::ConvInput {
+            rows: x,
+            above: above.as_ref(),
+            below: below.as_ref(),
+            upsample,
+        };
+        Ok(kernels::conv3x3(input, self.0.weight(), self.0.bias())?)
     }
 }
 
@@ -206,20 +209,23 @@ impl BandGroupNorm {
         })
     }
 
-    fn forward(&self, x: &Tensor, band: &Band) -> Result<Tensor> {
-        let (b, c, rows, w) = x.dims4()?;
+    /// The norm of the band `x`, then SiLU when `silu` (fused on the f32 CPU path).
+    fn forward(&self, x: &Tensor, band: &Band, silu: bool) -> Result<Tensor> {
+        let (_b, c, _rows, w) = x.dims4()?;
         let g = self.groups;
-        let xg = x.reshape((b, g, c / g * rows * w))?.to_dtype(DType::F32)?;
         let count = (c / g * band.split.total * w) as f64;
-        let mean = (band.all_reduce(&xg.sum_keepdim(2)?)? / count)?;
-        let centred = xg.broadcast_sub(&mean)?;
-        let var = (band.all_reduce(&centred.sqr()?.sum_keepdim(2)?)? / count)?;
-        let normed = centred.broadcast_div(&(var + NORM_EPS)?.sqrt()?)?;
-        Ok(normed
-            .to_dtype(x.dtype())?
-            .reshape((b, c, rows, w))?
-            .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
-            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?)
+        let mean = (band.all_reduce(&kernels::group_sums(x, g, None)?)? / count)?;
+        let var = (band.all_reduce(&kernels::group_sums(x, g, Some(&mean))?)? / count)?;
+        Ok(kernels::group_norm_apply(
+            x,
+            g,
+            &mean,
+            &var,
+            NORM_EPS,
+            &self.weight,
+            &self.bias,
+            silu,
+        )?)
     }
 }
 
@@ -255,10 +261,10 @@ impl Resnet {
     }
 
     fn forward(&self, x: &Tensor, band: &Band) -> Result<Tensor> {
-        let h = candle_nn::ops::silu(&self.norm1.forward(x, band)?)?;
-        let h = self.conv1.forward(&h, band)?;
-        let h = candle_nn::ops::silu(&self.norm2.forward(&h, band)?)?;
-        let h = self.conv2.forward(&h, band)?;
+        let h = self.norm1.forward(x, band, true)?;
+        let h = self.conv1.forward(&h, band, false)?;
+        let h = self.norm2.forward(&h, band, true)?;
+        let h = self.conv2.forward(&h, band, false)?;
         let skip = match &self.shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
@@ -310,7 +316,7 @@ impl Attention {
         // lhs (see `AutoencoderKL::decode`).
         let tokens = self
             .norm
-            .forward(x, band)?
+            .forward(x, band, false)?
             .reshape((b, c, rows * w))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -477,7 +483,7 @@ impl ParallelVaeDecoder {
             Some(conv) => conv.forward(z)?,
             None => z.clone(),
         };
-        x = self.conv_in.forward(&x, &band)?;
+        x = self.conv_in.forward(&x, &band, false)?;
         x = self.mid_resnets[0].forward(&x, &band)?;
         x = self.mid_attention.forward(&x, &band)?;
         x = self.mid_resnets[1].forward(&x, &band)?;
@@ -486,13 +492,12 @@ impl ParallelVaeDecoder {
                 x = resnet.forward(&x, &band)?;
             }
             if let Some(conv) = &block.upsample_conv {
-                let (_, _, rows, w) = x.dims4()?;
+                x = conv.forward(&x, &band, true)?;
                 band = band.upsampled();
-                x = conv.forward(&x.upsample_nearest2d(2 * rows, 2 * w)?, &band)?;
             }
         }
-        let x = candle_nn::ops::silu(&self.norm_out.forward(&x, &band)?)?;
-        self.conv_out.forward(&x, &band)
+        let x = self.norm_out.forward(&x, &band, true)?;
+        self.conv_out.forward(&x, &band, false)
     }
 }
 
