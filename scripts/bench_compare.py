@@ -7,12 +7,15 @@ ratio rust/torch as the last line.
     .venv/bin/python scripts/bench_compare.py pipeline --rounds 3 -- --steps 20
     .venv/bin/python scripts/bench_compare.py sd3-forward --rounds 3
     .venv/bin/python scripts/bench_compare.py flux-forward --rounds 3 -- --iters 1
+    .venv/bin/python scripts/bench_compare.py vae --rounds 3 -- --latent 32
 
 `sd3-forward` compares one SD3Transformer2DModel forward at SD3-medium width (24 blocks,
 hidden 1536, 256 px, batch 2, 333 text tokens; shrink with e.g. `-- --layers 2`), as
 `pixart-forward` does PixArt's. `flux-forward` compares one FluxTransformer2DModel forward at
 Flux.1-dev width (hidden 3072, 2 double + 4 single blocks by default, 256 px, batch 1, 512
 text tokens; change with e.g. `-- --double-layers 1 --single-layers 2 --text-len 256`).
+`vae` compares one VAE decode of the full-size PixArt VAE (`xfuser-bench vae --one-process
+bands`: the pipelines' decoder, in this process) with diffusers' `AutoencoderKL.decode`.
 
 `parallel` compares the parallel loops with the serial one instead, all in Rust: each round
 runs `xfuser-bench pipeline` and then `xfuser-bench parallel --mode M` for every mode of
@@ -86,7 +89,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command",
                    choices=["pixart-forward", "sd3-forward", "flux-forward", "pipeline", "gemm-floor",
-                            "parallel", "cache"])
+                            "parallel", "cache", "vae"])
     p.add_argument("--modes", default="cfg,ulysses,ring,pipefusion",
                    help="parallel: the --mode values to compare with the serial loop")
     p.add_argument("--world", type=int, default=2, help="parallel: ranks")
@@ -105,6 +108,8 @@ def main():
     if args.command == "cache":
         return compare_cache(args, extra)
     rust = [args.rust_bin, args.command, *extra]
+    if args.command == "vae":
+        rust = [args.rust_bin, "vae", "--one-process", "bands", *extra]
     torch = [args.python, str(ROOT / "scripts" / "bench_pytorch.py"), args.command, *extra]
     rs, ts, ratios = [], [], []
     for r in range(args.rounds):

@@ -6,6 +6,7 @@
     python scripts/bench_pytorch.py gemm-floor --resolution 256 --batch 2 --layers 28
     python scripts/bench_pytorch.py sd3-forward --resolution 256 --batch 2 --layers 24
     python scripts/bench_pytorch.py flux-forward --resolution 256 --double-layers 2 --single-layers 4
+    python scripts/bench_pytorch.py vae --latent 32
 
 Same config and shapes as the Rust side: full-size PixArt-α (16 heads x 72, caption 4096,
 patch 2, 4 -> 8 channels), sample_size = resolution/8 unless --sample-size, random weights,
@@ -22,6 +23,11 @@ joint_attention_dim 4096, pooled 768, in_channels 64, axes_dims_rope (16, 56, 56
 guidance_embeds) with --double-layers 2 and --single-layers 4 by default, batch 1, 512 text
 tokens unless --text-len; its inputs are built as FluxPipeline builds them (packed latents,
 img_ids / txt_ids, timestep / 1000, guidance 3.5), as `xfuser-bench flux-forward`.
+
+`vae` is one `AutoencoderKL.decode` of a (1, 4, latent, latent) latent with the full-size
+PixArt VAE (block_out_channels [128, 256, 512, 512], layers_per_block 2, 4 latent channels,
+random weights), after an untimed 8 x 8 decode, as `xfuser-bench vae --one-process bands`;
+the peak resident memory goes to stderr.
 """
 
 import argparse
@@ -464,9 +470,38 @@ def gemm_floor(args):
     print(f"torch_seconds={floor:.4f}")
 
 
+def vae_decode(args):
+    import resource
+
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+    ).eval()
+    z = torch.randn(1, 4, args.latent, args.latent)
+    with torch.inference_mode():
+        vae.decode(z[:, :, :8, :8])
+        t = time.perf_counter()
+        image = vae.decode(z).sample
+        s = time.perf_counter() - t
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"image {list(image.shape)}: {s:.2f} s, peak RSS {rss:.0f} MiB", file=sys.stderr)
+    print(f"torch_seconds={s:.4f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["pixart-forward", "sd3-forward", "flux-forward", "pipeline", "gemm-floor"])
+    p.add_argument("command", choices=["pixart-forward", "sd3-forward", "flux-forward", "pipeline", "gemm-floor",
+                                       "vae"])
+    p.add_argument("--latent", type=int, default=32, help="vae: latent side (image side / 8)")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch", type=int, default=None, help="default: 2; flux-forward 1")
     p.add_argument("--layers", type=int, default=None,
@@ -502,6 +537,7 @@ def main():
         "flux-forward": flux_forward,
         "pipeline": pipeline,
         "gemm-floor": gemm_floor,
+        "vae": vae_decode,
     }[args.command](args)
 
 

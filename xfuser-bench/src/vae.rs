@@ -183,6 +183,8 @@ fn one_process(latent: usize, decoder: OneProcess) -> Result<()> {
             "image {side}x{side}: {name}, 1 process: {seconds:.2} s, peak RSS {:.1} MiB",
             peak_rss_kib()? as f64 / 1024.0
         );
+        // For scripts/bench_compare.py.
+        println!("rust_seconds={seconds:.4}");
         return Ok(());
     };
     if decoder != OneProcess::Bands {

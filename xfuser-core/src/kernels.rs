@@ -815,6 +815,71 @@ pub fn group_norm_apply(
     })
 }
 
+/// A 1×1 convolution: `x` (B, Ci, H, W), `w` (Co, Ci, 1, 1), `bias` (Co) or none ->
+/// (B, Co, H, W), what candle's `x.conv2d(w, 0, 1, 1, 1)` computes, plus the bias. Per batch
+/// entry one `gemm` of the (Co, Ci) weight by the (Ci, H·W) input read in place, into the
+/// output with the bias written first; candle's CPU path copies the whole input and the
+/// whole output once more each.
+pub fn conv1x1(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, ci, h, wd) = x.dims4()?;
+    let co = w.dim(0)?;
+    if w.dims() != [co, ci, 1, 1] || bias.is_some_and(|t| t.dims() != [co]) {
+        candle_core::bail!(
+            "conv1x1: input {:?}, weight {:?} and bias {:?} do not make a 1x1 convolution",
+            x.dims(),
+            w.dims(),
+            bias.map(|t| t.dims().to_vec())
+        );
+    }
+    if !is_cpu_f32(x) || !is_cpu_f32(w) || bias.is_some_and(|t| !is_cpu_f32(t)) {
+        let out = x.conv2d(w, 0, 1, 1, 1)?;
+        return match bias {
+            Some(bias) => out.broadcast_add(&bias.reshape((1, co, 1, 1))?),
+            None => Ok(out),
+        };
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let bias = match bias {
+        Some(t) => with_f32(&t.contiguous()?, |v| Ok(v.to_vec()))?,
+        None => Vec::new(),
+    };
+    let plane = h * wd;
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    with_f32(&x, |xs| {
+        with_f32(&w, |ws| {
+            let mut out = vec![0f32; b * co * plane];
+            if !bias.is_empty() {
+                for (row, &v) in out.chunks_exact_mut(plane.max(1)).zip(bias.iter().cycle()) {
+                    row.fill(v);
+                }
+            }
+            for (o, xb) in out
+                .chunks_exact_mut((co * plane).max(1))
+                .zip(xs.chunks_exact((ci * plane).max(1)))
+            {
+                // SAFETY: o is (Co, H·W), xb (Ci, H·W) and ws (Co, Ci), all row-major and in
+                // bounds; o is written (and read back, with a bias) by this call alone.
+                unsafe {
+                    gemm_strided(
+                        (co, plane, ci),
+                        (o.as_mut_ptr(), plane, 1),
+                        (ws.as_ptr(), ci, 1),
+                        (xb.as_ptr(), plane, 1),
+                        !bias.is_empty(),
+                        parallelism,
+                    );
+                }
+            }
+            output(out, (b, co, h, wd))
+        })
+    })
+}
+
 /// Values of one task's patch matrix in [`conv3x3`]: a strip of output rows is sized so
 /// that its patch matrix stays near this (4 MiB; 1 MiB and 16 MiB were both slower on the VAE
 /// decoder).
@@ -1351,6 +1416,30 @@ mod tests {
             ..whole
         };
         assert!(conv3x3(halo, &randn(&[4, 3, 3, 3]), None).is_err());
+    }
+
+    #[test]
+    fn conv1x1_matches_candle() {
+        for (b, ci, co, h, w) in [(1, 8, 5, 6, 7), (2, 32, 16, 9, 4)] {
+            let x = randn(&[b, ci, h, w]);
+            let wt = randn(&[co, ci, 1, 1]);
+            let bias = randn(&[co]);
+            let plain = x.conv2d(&wt, 0, 1, 1, 1).unwrap();
+            let with_bias = plain
+                .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
+                .unwrap();
+            assert!(rel(&conv1x1(&x, &wt, None).unwrap(), &plain) < 1e-6);
+            assert!(rel(&conv1x1(&x, &wt, Some(&bias)).unwrap(), &with_bias) < 1e-6);
+            let xt = x.transpose(2, 3).unwrap().contiguous().unwrap();
+            let xt = xt.transpose(2, 3).unwrap();
+            assert!(rel(&conv1x1(&xt, &wt, Some(&bias)).unwrap(), &with_bias) < 1e-6);
+            let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+            let got = conv1x1(&to64(&x), &to64(&wt), Some(&to64(&bias))).unwrap();
+            assert!(rel(&got.to_dtype(DType::F32).unwrap(), &with_bias) < 1e-6);
+        }
+        let x = randn(&[1, 3, 2, 2]);
+        assert!(conv1x1(&x, &randn(&[4, 2, 1, 1]), None).is_err());
+        assert!(conv1x1(&x, &randn(&[4, 3, 1, 1]), Some(&randn(&[3]))).is_err());
     }
 
     #[test]

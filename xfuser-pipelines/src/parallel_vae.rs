@@ -33,8 +33,9 @@
 //! On one band it also serves the serial decode better than candle's: its 3×3 convolutions
 //! go through [`xfuser_core::kernels::conv3x3`] (candle's CPU convolution is several
 //! times slower), and its attention never holds the whole score matrix (16 GiB at 2048 px).
-//! The other layers are candle_nn's (`Linear`, `softmax`); only the band bookkeeping and the
-//! cross-band exchanges are ours.
+//! Its 1×1 convolutions ([`xfuser_core::kernels::conv1x1`]) and GroupNorms (with the SiLU
+//! after them fused, [`xfuser_core::kernels::group_norm_apply`]) are f32 CPU kernels too;
+//! the attention's projections and softmax are candle_nn's.
 
 use candle_core::{DType, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, Module, VarBuilder};
@@ -261,12 +262,14 @@ impl Resnet {
     }
 
     fn forward(&self, x: &Tensor, band: &Band) -> Result<Tensor> {
-        let h = self.norm1.forward(x, band, true)?;
-        let h = self.conv1.forward(&h, band, false)?;
-        let h = self.norm2.forward(&h, band, true)?;
-        let h = self.conv2.forward(&h, band, false)?;
+        // Reassigned, not shadowed: each step's input is freed as soon as its output exists
+        // (shadowed values would all live to the end, several full-size activations).
+        let mut h = self.norm1.forward(x, band, true)?;
+        h = self.conv1.forward(&h, band, false)?;
+        h = self.norm2.forward(&h, band, true)?;
+        h = self.conv2.forward(&h, band, false)?;
         let skip = match &self.shortcut {
-            Some(conv) => conv.forward(x)?,
+            Some(conv) => kernels::conv1x1(x, conv.weight(), conv.bias())?,
             None => x.clone(),
         };
         Ok((skip + h)?)
@@ -480,7 +483,7 @@ impl ParallelVaeDecoder {
     pub fn decode_band(&self, z: &Tensor, group: &ProcessGroup, split: RowSplit) -> Result<Tensor> {
         let mut band = Band { group, split };
         let mut x = match &self.post_quant_conv {
-            Some(conv) => conv.forward(z)?,
+            Some(conv) => kernels::conv1x1(z, conv.weight(), conv.bias())?,
             None => z.clone(),
         };
         x = self.conv_in.forward(&x, &band, false)?;
@@ -496,7 +499,7 @@ impl ParallelVaeDecoder {
                 band = band.upsampled();
             }
         }
-        let x = self.norm_out.forward(&x, &band, true)?;
+        x = self.norm_out.forward(&x, &band, true)?;
         self.conv_out.forward(&x, &band, false)
     }
 }
