@@ -137,6 +137,21 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     }
 }
 
+/// The values of an f32 CPU tensor (any layout) in row-major order; empty for None.
+fn values(t: Option<&Tensor>) -> Result<Vec<f32>> {
+    t.map_or(Ok(Vec::new()), |t| {
+        with_f32(&t.contiguous()?, |s| Ok(s.to_vec()))
+    })
+}
+
+/// candle's path of the convolutions: `out` (B, Co, H, W) plus a per-channel bias (Co).
+fn plus_channel_bias(out: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(bias) => out.broadcast_add(&bias.reshape((1, bias.elem_count(), 1, 1))?),
+        None => Ok(out),
+    }
+}
+
 fn output(data: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
     Tensor::from_vec(data, shape, &Device::Cpu)
 }
@@ -421,10 +436,7 @@ pub fn gated_residual(
             None => y.add(residual),
         };
     }
-    let to_vec = |t: Option<&Tensor>| -> Result<Vec<f32>> {
-        t.map_or(Ok(Vec::new()), |t| with_f32(t, |s| Ok(s.to_vec())))
-    };
-    let (gate_vec, bias_vec) = (to_vec(gate)?, to_vec(bias)?);
+    let (gate_vec, bias_vec) = (values(gate)?, values(bias)?);
     with_f32(residual, |rs| {
         with_f32(y, |ys| {
             let mut out = vec![0f32; rs.len()];
@@ -733,7 +745,7 @@ pub fn group_sums(x: &Tensor, groups: usize, mean: Option<&Tensor>) -> Result<Te
         };
     }
     let centres = match mean {
-        Some(m) => with_f32(&m.reshape((b * groups,))?.contiguous()?, |v| Ok(v.to_vec()))?,
+        Some(m) => values(Some(m))?,
         None => vec![0.0; b * groups],
     };
     with_f32(x, |xs| {
@@ -793,8 +805,7 @@ pub fn group_norm_apply(
             false => Ok(normed),
         };
     }
-    let stats = |t: &Tensor| with_f32(&t.reshape((b * groups,))?.contiguous()?, |v| Ok(v.to_vec()));
-    let (mean, var) = (stats(mean)?, stats(var)?);
+    let (mean, var) = (values(Some(mean))?, values(Some(var))?);
     with_f32(weight, |wv| {
         with_f32(bias, |bv| {
             with_f32(x, |xs| {
@@ -832,17 +843,10 @@ pub fn conv1x1(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> 
         );
     }
     if !is_cpu_f32(x) || !is_cpu_f32(w) || bias.is_some_and(|t| !is_cpu_f32(t)) {
-        let out = x.conv2d(w, 0, 1, 1, 1)?;
-        return match bias {
-            Some(bias) => out.broadcast_add(&bias.reshape((1, co, 1, 1))?),
-            None => Ok(out),
-        };
+        return plus_channel_bias(x.conv2d(w, 0, 1, 1, 1)?, bias);
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let bias = match bias {
-        Some(t) => with_f32(&t.contiguous()?, |v| Ok(v.to_vec()))?,
-        None => Vec::new(),
-    };
+    let bias = values(bias)?;
     let plane = h * wd;
     let threads = rayon::current_num_threads();
     let parallelism = if threads > 1 {
@@ -965,15 +969,10 @@ pub fn conv3x3(input: ConvInput, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
         };
         let x = x.upsample_nearest2d(h, wd)?;
         let padded = Tensor::cat(&[edge(above)?, x, edge(below)?], 2)?;
-        let out = padded.pad_with_zeros(3, 1, 1)?.conv2d(w, 0, 1, 1, 1)?;
-        return match bias {
-            Some(bias) => out.broadcast_add(&bias.reshape((1, co, 1, 1))?),
-            None => Ok(out),
-        };
+        return plus_channel_bias(padded.pad_with_zeros(3, 1, 1)?.conv2d(w, 0, 1, 1, 1)?, bias);
     }
-    let contiguous = |t: Option<&Tensor>| t.map(|t| t.contiguous()).transpose();
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let (above, below, bias) = (contiguous(above)?, contiguous(below)?, contiguous(bias)?);
+    let (above, below, bias) = (values(above)?, values(below)?, values(bias)?);
     let (plane_in, plane, k) = (h_in * w_in, h * wd, 9 * ci);
     // At most a quarter of the image per strip, so that the patch matrices' memory scales
     // with the image (a rank's band) even where it is smaller than the budget.
@@ -986,11 +985,6 @@ pub fn conv3x3(input: ConvInput, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
     } else {
         gemm::Parallelism::None
     };
-    let data = |t: &Option<Tensor>| match t {
-        Some(t) => with_f32(t, |v| Ok(v.to_vec())),
-        None => Ok(Vec::new()),
-    };
-    let (above, below, bias) = (data(&above)?, data(&below)?, data(&bias)?);
     with_f32(&x, |xs| {
         with_f32(&w, |ws| {
             let mut out: Vec<f32> = Vec::with_capacity(b * co * plane);
